@@ -1,0 +1,98 @@
+"""streamwarden: reliable, observable event-stream consumers.
+
+Wrap a message handler with deduplication, a circuit breaker, retries with backoff and jitter,
+timeouts, error classification and a dead-letter queue; every decision emits OpenTelemetry signals.
+
+>>> from streamwarden import ReliabilityLayer, ReliabilitySettings
+>>> layer = ReliabilityLayer(None, ReliabilitySettings())  # embedded in-memory stores
+"""
+
+from ._breaker import BreakerPolicy as BreakerPolicy
+from ._breaker import BreakerRegistry as BreakerRegistry
+from ._breaker import BreakerRejection as BreakerRejection
+from ._breaker import BreakerState as BreakerState
+from ._breaker import BreakerTransition as BreakerTransition
+from ._breaker import CircuitBreaker as CircuitBreaker
+from ._classify import ErrorClass as ErrorClass
+from ._classify import ErrorClassifier as ErrorClassifier
+from ._dedup import ClaimResult as ClaimResult
+from ._dedup import ClaimStatus as ClaimStatus
+from ._dedup import DeduplicationManager as DeduplicationManager
+from ._dedup import DedupPolicy as DedupPolicy
+from ._dedup import DedupStore as DedupStore
+from ._dedup import InMemoryDedupStore as InMemoryDedupStore
+from ._dedup import Lease as Lease
+from ._dlq import DeadLetterEntry as DeadLetterEntry
+from ._dlq import DeadLetterReason as DeadLetterReason
+from ._dlq import DeadLetterStore as DeadLetterStore
+from ._dlq import InMemoryDeadLetterStore as InMemoryDeadLetterStore
+from ._envelope import Envelope as Envelope
+from ._error_handler import ErrorHandler as ErrorHandler
+from ._exceptions import CircuitOpenError as CircuitOpenError
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import DeadLetterError as DeadLetterError
+from ._exceptions import DeadLetterQueueFullError as DeadLetterQueueFullError
+from ._exceptions import DeduplicationUnavailableError as DeduplicationUnavailableError
+from ._exceptions import HandlerTimeout as HandlerTimeout
+from ._exceptions import InvalidMessageError as InvalidMessageError
+from ._exceptions import InvalidProcessorError as InvalidProcessorError
+from ._exceptions import MessageInProgressError as MessageInProgressError
+from ._exceptions import MissingMessageIdError as MissingMessageIdError
+from ._exceptions import StreamwardenError as StreamwardenError
+from ._layer import Outcome as Outcome
+from ._layer import ProcessResult as ProcessResult
+from ._layer import ReliabilityLayer as ReliabilityLayer
+from ._layer import current_lease as current_lease
+from ._metrics import CounterStore as CounterStore
+from ._metrics import MetricsCollector as MetricsCollector
+from ._retry import Retrier as Retrier
+from ._retry import RetryDetails as RetryDetails
+from ._retry import RetryPolicy as RetryPolicy
+from ._settings import ReliabilitySettings as ReliabilitySettings
+from ._telemetry import configure_telemetry as configure_telemetry
+
+__all__ = [
+    "BreakerPolicy",
+    "BreakerRegistry",
+    "BreakerRejection",
+    "BreakerState",
+    "BreakerTransition",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "ClaimResult",
+    "ClaimStatus",
+    "ConfigurationError",
+    "CounterStore",
+    "DeadLetterEntry",
+    "DeadLetterError",
+    "DeadLetterQueueFullError",
+    "DeadLetterReason",
+    "DeadLetterStore",
+    "DedupPolicy",
+    "DedupStore",
+    "DeduplicationManager",
+    "DeduplicationUnavailableError",
+    "Envelope",
+    "ErrorClass",
+    "ErrorClassifier",
+    "ErrorHandler",
+    "HandlerTimeout",
+    "InMemoryDeadLetterStore",
+    "InMemoryDedupStore",
+    "InvalidMessageError",
+    "InvalidProcessorError",
+    "Lease",
+    "MessageInProgressError",
+    "MetricsCollector",
+    "MissingMessageIdError",
+    "Outcome",
+    "ProcessResult",
+    "ReliabilityLayer",
+    "ReliabilitySettings",
+    "Retrier",
+    "RetryDetails",
+    "RetryPolicy",
+    "StreamwardenError",
+    "configure_telemetry",
+    "current_lease",
+]

@@ -1,0 +1,127 @@
+"""``ReliabilitySettings``: the one place pydantic validates configuration.
+
+Settings are read from keyword arguments or ``STREAMWARDEN_*`` environment variables
+(``STREAMWARDEN_MAX_RETRIES=5``), validated once, and turned into frozen policy objects
+(:class:`RetryPolicy`, :class:`BreakerPolicy`, :class:`DedupPolicy`) that the hot path uses without
+validating again.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._breaker import BreakerPolicy
+from ._dedup import DedupPolicy
+from ._retry import RetryPolicy
+
+__all__ = ["ReliabilitySettings"]
+
+DedupFailureMode = Literal["fail_closed", "fail_open"]
+UnknownErrorPolicy = Literal["retry", "dead_letter"]
+MissingIdPolicy = Literal["dead_letter", "content_hash"]
+
+
+class ReliabilitySettings(BaseSettings):
+    """Reliability configuration; the seed's six fields keep their names and defaults.
+
+    Every field can be set from the environment with the ``STREAMWARDEN_`` prefix.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMWARDEN_", frozen=True, extra="forbid", validate_default=True
+    )
+
+    # --- the seed's fields ----------------------------------------------------------------------
+    max_retries: int = Field(3, ge=0, le=100, description="Retries after the first attempt.")
+    backoff_factor: float = Field(2.0, ge=1.0, le=10.0, description="Exponential backoff base.")
+    circuit_breaker_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    circuit_breaker_timeout: float = Field(30, gt=0, description="Seconds open before a trial call.")
+    deduplication_ttl: int = Field(3600, gt=0, description="Seconds a completed id is remembered.")
+    dlq_enabled: bool = Field(True, description="Dead-letter messages that cannot be processed.")
+
+    # --- retries and timeouts -------------------------------------------------------------------
+    retry_initial_delay: float = Field(0.1, ge=0, description="Backoff before the first retry, s.")
+    retry_max_delay: float = Field(10.0, gt=0, description="Cap on one backoff delay, s.")
+    retry_jitter: bool = Field(True, description="Full jitter: each delay uniform in [0, backoff].")
+    retry_deadline: float | None = Field(
+        60.0, gt=0, description="Overall time budget for all attempts of one message, s."
+    )
+    processing_timeout: float | None = Field(30.0, gt=0, description="Per-attempt timeout, s.")
+    unknown_error_policy: UnknownErrorPolicy = Field(
+        "retry", description="Unknown errors are retried like transient ones, or dead-lettered."
+    )
+
+    # --- deduplication --------------------------------------------------------------------------
+    dedup_lease: float = Field(120.0, gt=0, description="Seconds a claim is held while processing.")
+    dedup_failure_mode: DedupFailureMode = Field(
+        "fail_closed", description="When the dedup store fails: defer the message, or process it."
+    )
+    detect_payload_conflicts: bool = Field(
+        False, description="Fingerprint payloads; flag a known id arriving with a different payload."
+    )
+
+    # --- messages -------------------------------------------------------------------------------
+    id_field: str = Field("id", min_length=1, description="Field of a dict message holding its id.")
+    missing_id_policy: MissingIdPolicy = Field(
+        "dead_letter", description="A message without an id: dead-letter it, or use a content hash."
+    )
+
+    # --- circuit breaker ------------------------------------------------------------------------
+    circuit_breaker_name: str = Field("default", min_length=1, description="Name of the layer's breaker.")
+
+    # --- dead letters ---------------------------------------------------------------------------
+    dlq_max_entries: int = Field(100_000, ge=1, description="Capacity of the embedded DLQ.")
+    dlq_max_traceback_chars: int = Field(8192, ge=0, description="Traceback kept per entry.")
+
+    # --- naming ---------------------------------------------------------------------------------
+    key_prefix: str = Field("streamwarden", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    service_name: str = Field("streamwarden", min_length=1, max_length=128)
+    destination: str = Field("default", min_length=1, max_length=256, description="Stream name.")
+    consumer_group: str | None = Field(None, description="Consumer group, for telemetry.")
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ReliabilitySettings:
+        if self.processing_timeout is not None and self.dedup_lease <= self.processing_timeout:
+            raise ValueError(
+                f"dedup_lease ({self.dedup_lease:g}s) must be longer than processing_timeout "
+                f"({self.processing_timeout:g}s), or another consumer could take over a message that "
+                "is still being processed"
+            )
+        if self.retry_max_delay < self.retry_initial_delay:
+            raise ValueError(
+                f"retry_max_delay ({self.retry_max_delay:g}s) is below retry_initial_delay "
+                f"({self.retry_initial_delay:g}s)"
+            )
+        return self
+
+    def retry_policy(self) -> RetryPolicy:
+        """The frozen retry policy these settings describe."""
+        return RetryPolicy(
+            max_attempts=self.max_retries + 1,
+            initial_delay=self.retry_initial_delay,
+            backoff_factor=self.backoff_factor,
+            max_delay=self.retry_max_delay,
+            jitter=self.retry_jitter,
+            deadline=self.retry_deadline,
+            attempt_timeout=self.processing_timeout,
+            retry_unknown=self.unknown_error_policy == "retry",
+        )
+
+    def breaker_policy(self) -> BreakerPolicy:
+        """The frozen circuit-breaker policy these settings describe."""
+        return BreakerPolicy(
+            failure_threshold=self.circuit_breaker_threshold,
+            reset_timeout=float(self.circuit_breaker_timeout),
+        )
+
+    def dedup_policy(self) -> DedupPolicy:
+        """The frozen deduplication policy these settings describe."""
+        return DedupPolicy(
+            ttl=float(self.deduplication_ttl),
+            lease=self.dedup_lease,
+            fail_open=self.dedup_failure_mode == "fail_open",
+            detect_conflicts=self.detect_payload_conflicts,
+        )
