@@ -8,26 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._exceptions import ConfigurationError
-
 __all__ = ["redis_counter_store", "redis_dead_letter_store", "redis_dedup_store"]
 
-_NOT_YET = (
-    "Redis-backed stores are not part of this release yet (tracked as issue #3); pass "
-    "redis_client=None for the embedded in-memory stores"
-)
+
+def redis_dedup_store(client: Any, *, key_prefix: str, **options: Any) -> Any:
+    """The Redis dedup store (:class:`~streamwarden.RedisDedupStore`) for ``client``."""
+    from ._redis_dedup import RedisDedupStore
+
+    return RedisDedupStore(client, key_prefix=key_prefix, **options)
 
 
-def redis_dedup_store(client: Any, *, key_prefix: str) -> Any:
-    """The Redis dedup store for ``client``."""
-    raise ConfigurationError(_NOT_YET)
+def redis_dead_letter_store(client: Any, *, key_prefix: str, **options: Any) -> Any:
+    """The Redis Streams dead-letter store (:class:`~streamwarden.RedisDeadLetterStore`) for ``client``."""
+    from ._redis_dlq import RedisDeadLetterStore
+
+    return RedisDeadLetterStore(client, key_prefix=key_prefix, **options)
 
 
-def redis_dead_letter_store(client: Any, *, key_prefix: str) -> Any:
-    """The Redis Streams dead-letter store for ``client``."""
-    raise ConfigurationError(_NOT_YET)
+def redis_counter_store(client: Any, *, service_name: str, key_prefix: str, **options: Any) -> Any:
+    """The Redis hash counter store (:class:`~streamwarden.RedisCounterStore`) for ``client``."""
+    from ._redis_counters import RedisCounterStore
 
-
-def redis_counter_store(client: Any, *, service_name: str, key_prefix: str) -> Any:
-    """The Redis hash counter store for ``client``."""
-    raise ConfigurationError(_NOT_YET)
+    return RedisCounterStore(client, service_name=service_name, key_prefix=key_prefix, **options)
