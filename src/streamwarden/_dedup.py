@@ -325,6 +325,7 @@ class DeduplicationManager:
         store: DedupStore | None = None,
         key_prefix: str = "streamwarden",
         policy: DedupPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy or DedupPolicy(ttl=float(ttl), lease=float(lease))
         self.ttl = self.policy.ttl
@@ -335,7 +336,7 @@ class DeduplicationManager:
 
                 store = redis_dedup_store(redis_client, key_prefix=key_prefix)
             else:
-                store = InMemoryDedupStore()
+                store = InMemoryDedupStore(clock=clock)
         self.store: DedupStore = store
 
     async def is_duplicate(self, message_id: str) -> bool:

@@ -116,3 +116,10 @@ class DeadLetterError(StreamwardenError):
 
 class DeadLetterQueueFullError(DeadLetterError):
     """The dead-letter store reached its capacity; nothing is overwritten or dropped."""
+
+
+# Public exceptions report their public home, so ``error.type`` values and tracebacks read
+# ``streamwarden.HandlerTimeout`` rather than the private module.
+for _name in __all__:
+    globals()[_name].__module__ = "streamwarden"
+del _name

@@ -37,7 +37,7 @@ from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 from . import _names as n
 from ._breaker import BreakerRegistry, BreakerTransition, CircuitBreaker
 from ._classify import ErrorClass, ErrorClassifier
-from ._dedup import ClaimStatus, DeduplicationManager, DedupStore, Lease, LocalDedupStore
+from ._dedup import ClaimResult, ClaimStatus, DeduplicationManager, DedupStore, Lease, LocalDedupStore
 from ._dlq import DeadLetterEntry, DeadLetterStore, error_type_name
 from ._envelope import Envelope, canonical_fingerprint, envelope_from_message
 from ._error_handler import ErrorHandler
@@ -114,6 +114,21 @@ def current_lease() -> Lease | None:
     return _current_lease.get()
 
 
+def _nowait_twin(store: object, method: str) -> Any:
+    """``store.<method>_nowait`` when it is safe to call instead of ``await store.<method>(...)``.
+
+    Only when the store is a :class:`LocalDedupStore` and the class defining the sync twin is at least
+    as derived as the one defining the async method: a subclass that overrides ``claim`` alone (to
+    wrap or break it) must not be bypassed by an inherited ``claim_nowait``.
+    """
+    if not isinstance(store, LocalDedupStore):
+        return None
+    mro = type(store).__mro__
+    owner_async = next(c for c in mro if method in c.__dict__)
+    owner_sync = next(c for c in mro if f"{method}_nowait" in c.__dict__)
+    return getattr(store, f"{method}_nowait") if issubclass(owner_sync, owner_async) else None
+
+
 def _call_hook(hook: Callable[[T], object] | None, details: T) -> None:
     if hook is None:
         return
@@ -158,7 +173,11 @@ class ReliabilityLayer:
 
             dead_letter_store = redis_dead_letter_store(redis_client, key_prefix=settings.key_prefix)
         self.deduplication_manager = DeduplicationManager(
-            redis_client, policy=settings.dedup_policy(), store=dedup_store, key_prefix=settings.key_prefix
+            redis_client,
+            policy=settings.dedup_policy(),
+            store=dedup_store,
+            key_prefix=settings.key_prefix,
+            clock=clock,
         )
         self.error_handler = ErrorHandler(
             settings, dead_letters=dead_letter_store, classifier=classifier, telemetry=self.telemetry
@@ -187,9 +206,12 @@ class ReliabilityLayer:
         # The collector's live counts (every seed counter key is present): the layer adds to them in place.
         self._seed_counts = self.metrics_collector.counts
         store = self._dedup_store
-        local = isinstance(store, LocalDedupStore)
-        self._claim_nowait = store.claim_nowait if local else None  # type: ignore[attr-defined]
-        self._complete_nowait = store.complete_nowait if local else None  # type: ignore[attr-defined]
+        self._claim_nowait: Callable[[str, float, str | None], ClaimResult] | None = _nowait_twin(
+            store, "claim"
+        )
+        self._complete_nowait: Callable[[Lease, float, str | None], bool] | None = _nowait_twin(
+            store, "complete"
+        )
 
     # --- wiring -----------------------------------------------------------------------------------
     def _watch_breaker(self, breaker: CircuitBreaker) -> None:
@@ -254,6 +276,8 @@ class ReliabilityLayer:
         common case (a new id, first attempt succeeds) is written out flat, and everything rarer lives
         in helper methods.
         """
+        if not callable(processor):
+            raise TypeError(f"processor must be an async callable, got {type(processor).__name__}")
         if destination is None:
             destination = (
                 message.destination
