@@ -38,6 +38,7 @@ from ._exceptions import InvalidMessageError as InvalidMessageError
 from ._exceptions import InvalidProcessorError as InvalidProcessorError
 from ._exceptions import MessageInProgressError as MessageInProgressError
 from ._exceptions import MissingMessageIdError as MissingMessageIdError
+from ._exceptions import PoisonMessageError as PoisonMessageError
 from ._exceptions import StreamwardenError as StreamwardenError
 from ._layer import Outcome as Outcome
 from ._layer import ProcessResult as ProcessResult
@@ -86,6 +87,7 @@ __all__ = [
     "MetricsCollector",
     "MissingMessageIdError",
     "Outcome",
+    "PoisonMessageError",
     "ProcessResult",
     "ReliabilityLayer",
     "ReliabilitySettings",

@@ -6,6 +6,7 @@
     ├── ConfigurationError (ValueError)          bad settings or a store that cannot be used safely
     ├── InvalidMessageError (ValueError)         the message cannot be turned into an envelope
     │   └── MissingMessageIdError                no id and the policy is ``dead_letter``
+    ├── PoisonMessageError                       delivered more than ``poison_max_deliveries`` times
     ├── InvalidProcessorError (TypeError)        the processor did not return an awaitable
     ├── HandlerTimeout (TimeoutError)            one attempt ran past ``processing_timeout``
     ├── CircuitOpenError                         the circuit breaker refused the call
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidProcessorError",
     "MessageInProgressError",
     "MissingMessageIdError",
+    "PoisonMessageError",
     "StreamwardenError",
 ]
 
@@ -63,6 +65,17 @@ class MissingMessageIdError(InvalidMessageError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="missing_id")
+
+
+class PoisonMessageError(StreamwardenError):
+    """The message was delivered too many times (its handler keeps crashing or its ack keeps getting lost)."""
+
+    retriable = False
+
+    def __init__(self, message_id: str, deliveries: int, limit: int) -> None:
+        super().__init__(f"message {message_id!r} delivered {deliveries} times (limit {limit}): poison")
+        self.message_id = message_id
+        self.deliveries = deliveries
 
 
 class InvalidProcessorError(StreamwardenError, TypeError):

@@ -25,6 +25,7 @@ import enum
 import functools
 import inspect
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import CoroutineType
@@ -38,7 +39,7 @@ from . import _names as n
 from ._breaker import BreakerRegistry, BreakerTransition, CircuitBreaker
 from ._classify import ErrorClass, ErrorClassifier
 from ._dedup import ClaimResult, ClaimStatus, DeduplicationManager, DedupStore, Lease, LocalDedupStore
-from ._dlq import DeadLetterEntry, DeadLetterStore, error_type_name
+from ._dlq import DeadLetterEntry, DeadLetterReason, DeadLetterStore, error_type_name
 from ._envelope import Envelope, canonical_fingerprint, envelope_from_message
 from ._error_handler import ErrorHandler
 from ._exceptions import (
@@ -48,6 +49,7 @@ from ._exceptions import (
     InvalidMessageError,
     InvalidProcessorError,
     MessageInProgressError,
+    PoisonMessageError,
 )
 from ._metrics import MetricsCollector
 from ._retry import Retrier, RetryDetails
@@ -202,6 +204,7 @@ class ReliabilityLayer:
         self._content_hash_ids = settings.missing_id_policy == "content_hash"
         self._destinations: dict[str, DestinationTelemetry] = {}
         self._id_field = settings.id_field
+        self._poison_max_deliveries = settings.poison_max_deliveries or sys.maxsize
         self._default_destination = settings.destination
         # The collector's live counts (every seed counter key is present): the layer adds to them in place.
         self._seed_counts = self.metrics_collector.counts
@@ -339,6 +342,8 @@ class ReliabilityLayer:
                     return self._not_new(mid, claim.status, dt, span)
                 dt.dedup[ClaimStatus.NEW].value += 1
                 lease = claim.lease
+            if delivery > self._poison_max_deliveries:
+                return await self._poison(mid, env, headers, message, delivery, dt, lease)
             # --- first attempt, outside tenacity ------------------------------------------------
             lease_token = _current_lease.set(lease)
             try:
@@ -539,6 +544,22 @@ class ReliabilityLayer:
             await self._complete(lease, fingerprint, dt)
         return self._finish(dt, Outcome.PROCESSED, mid, result=value, attempts=attempts)
 
+    async def _poison(
+        self,
+        mid: str,
+        env: Envelope | None,
+        headers: Mapping[str, str],
+        message: Any,
+        delivery: int,
+        dt: DestinationTelemetry,
+        lease: Lease | None,
+    ) -> ProcessResult:
+        """Delivered too often (crashes, lost acks): dead-letter as ``poison`` without another attempt."""
+        error = PoisonMessageError(mid, delivery, self._poison_max_deliveries)
+        if env is None:
+            env = Envelope(mid, message, headers, delivery_count=delivery)
+        return await self._fail(env, dt, lease, error, 0, DeadLetterReason.POISON)
+
     def _on_retry(self, dt: DestinationTelemetry, details: RetryDetails) -> None:
         self.telemetry.on_retry(dt, details.attempt, details.delay, error_type_name(details.error))
         self._seed_counts[n.COUNTER_RETRIES] += 1
@@ -580,13 +601,20 @@ class ReliabilityLayer:
         lease: Lease | None,
         error: BaseException,
         attempts: int,
+        reason: str = DeadLetterReason.ERROR,
     ) -> ProcessResult:
         error_class = self.classifier.classify(error)
         entry: DeadLetterEntry | None = None
         if self.settings.dlq_enabled and not isinstance(error, InvalidProcessorError):
             try:
                 entry = await self.error_handler.dead_letter(
-                    env, error, error_class, attempts=attempts, destination=dt.destination, dt=dt
+                    env,
+                    error,
+                    error_class,
+                    attempts=attempts,
+                    reason=reason,
+                    destination=dt.destination,
+                    dt=dt,
                 )
             except DeadLetterError as dlq_error:
                 error.add_note(

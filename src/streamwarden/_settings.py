@@ -69,6 +69,12 @@ class ReliabilitySettings(BaseSettings):
         "dead_letter", description="A message without an id: dead-letter it, or use a content hash."
     )
 
+    poison_max_deliveries: int | None = Field(
+        10,
+        ge=1,
+        description="A message delivered more often than this is dead-lettered as poison, unrun.",
+    )
+
     # --- circuit breaker ------------------------------------------------------------------------
     circuit_breaker_name: str = Field("default", min_length=1, description="Name of the layer's breaker.")
 

@@ -619,3 +619,18 @@ async def test_layers_of_one_service_share_instruments(otel: Otel) -> None:
     await first.process({"id": "1"}, ok)
     await second.process({"id": "2"}, ok)
     assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="processed") == 2
+
+
+async def test_poison_by_delivery_count_is_dead_lettered_unrun(make_layer: MakeLayer, otel: Otel) -> None:
+    """A message delivered more than poison_max_deliveries times goes to the DLQ as poison, not run."""
+    layer = make_layer(poison_max_deliveries=3)
+    processor = failing([])
+    fine = await layer.process(sw.Envelope(id="pm", payload={"x": 1}, delivery_count=3), processor)
+    assert fine.outcome is sw.Outcome.PROCESSED
+    result = await layer.process(sw.Envelope(id="pm2", payload={"x": 2}, delivery_count=4), processor)
+    assert result.outcome is sw.Outcome.DEAD_LETTERED
+    assert isinstance(result.error, sw.PoisonMessageError)
+    assert processor.calls == 1  # type: ignore[attr-defined]
+    assert result.dead_letter is not None
+    assert (result.dead_letter.reason, result.dead_letter.delivery_count) == ("poison", 4)
+    assert otel.value(n.METRIC_DLQ_MESSAGES, streamwarden__dlq__reason="poison") == 1
