@@ -133,6 +133,7 @@ class Telemetry:
         self.service_name = service_name
         self.tracer = trace.get_tracer(n.INSTRUMENTATION_NAME, _VERSION, tracer_provider=tracer_provider)
         self._tracer_provider = tracer_provider
+        #: True once tracing is known to be on (read directly on the hot path; see tracing_enabled)
         self._tracing_on = False
         meter = metrics.get_meter(n.INSTRUMENTATION_NAME, _VERSION, meter_provider=meter_provider)
         self.meter = meter
