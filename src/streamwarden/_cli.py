@@ -36,7 +36,7 @@ def main() -> None:
 @click.option("--messages", default=4000, show_default=True, help="Signals to produce (not with --live).")
 @click.option("--rate", default=800.0, show_default=True, help="Signals per second the producer emits.")
 @click.option("--concurrency", default=16, show_default=True, help="Concurrent workers.")
-@click.option("--seed", default=7, show_default=True, help="Random seed of the workload.")
+@click.option("--seed", default=1, show_default=True, help="Random seed of the workload.")
 @click.option("--live", is_flag=True, help="Run an endless stream until SIGTERM/SIGINT or --max-seconds.")
 @click.option("--max-seconds", type=float, default=None, help="Stop producing after this many seconds.")
 @click.option("--outage-every", type=float, default=None, help="--live: start an outage every N seconds.")

@@ -399,7 +399,7 @@ class RedisDedupStore:
             cached = self._cached(message_id, fingerprint, now)
             if cached is not None:
                 return cached
-        owner = None or f"{_owner_prefix}{next(_owner_counter)}"
+        owner = self._unsettled.pop(message_id, None) or f"{_owner_prefix}{next(_owner_counter)}"
         args = [_OP_CLAIM, owner, "", str(_milliseconds(lease_seconds)), fingerprint or ""]
         try:
             reply = await self._run_with_deferred([self.key(message_id)], args)
@@ -437,7 +437,7 @@ class RedisDedupStore:
                 if cached is not None:
                     results[index] = cached
                     continue
-            owner = None or f"{prefix}{next(_owner_counter)}"
+            owner = self._unsettled.pop(message_id, None) or f"{prefix}{next(_owner_counter)}"
             asked.append((index, owner))
             keys.append(self.key(message_id))
             args += (_OP_CLAIM, owner, "", lease_ms, fp or "")

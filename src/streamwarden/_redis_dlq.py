@@ -367,7 +367,8 @@ class RedisDeadLetterStore:
         since: float | None = None,
         until: float | None = None,
     ) -> builtins.list[DeadLetterEntry]:
-        """Entries oldest first, filtered by destination, error type/class and ``dead_lettered_at``."""
+        """Entries oldest first (by ``dead_lettered_at``), filtered by destination, error type/class
+        and ``dead_lettered_at``."""
         if limit <= 0:
             return []
         names = [destination] if destination is not None else await self._known()
@@ -376,7 +377,8 @@ class RedisDeadLetterStore:
             found.extend(
                 await self._scan(name, limit, error_type, error_class, since, until)  # oldest first each
             )
-        found.sort(key=lambda pair: pair[0])
+        # one stream is in arrival order; across streams, order by the time of dead-lettering
+        found.sort(key=lambda pair: (pair[1].dead_lettered_at, pair[0]))
         return [entry for _, entry in found[:limit]]
 
     async def _scan(

@@ -20,6 +20,7 @@ def test_demo_reconciles_and_exits_zero() -> None:
     assert outcomes["processed"] > 300
     assert outcomes.get("duplicate", 0) > 0
     assert outcomes.get("dead_lettered", 0) > 0
+    assert report["dlq_reasons"].get("error", 0) > 0  # poison signals (bad quantity) reach the DLQ
     assert report["unique_ids"] == 400
     acked = outcomes["processed"] + outcomes.get("duplicate", 0) + outcomes["dead_lettered"]
     assert acked == report["produced"]
