@@ -49,6 +49,10 @@ from ._metrics import MetricsCollector as MetricsCollector
 from ._retry import Retrier as Retrier
 from ._retry import RetryDetails as RetryDetails
 from ._retry import RetryPolicy as RetryPolicy
+from ._runner import ConsumerStats as ConsumerStats
+from ._runner import Health as Health
+from ._runner import RedisStreamConsumer as RedisStreamConsumer
+from ._runner import StreamProducer as StreamProducer
 from ._settings import ReliabilitySettings as ReliabilitySettings
 from ._telemetry import configure_telemetry as configure_telemetry
 
@@ -63,6 +67,7 @@ __all__ = [
     "ClaimResult",
     "ClaimStatus",
     "ConfigurationError",
+    "ConsumerStats",
     "CounterStore",
     "DeadLetterEntry",
     "DeadLetterError",
@@ -78,6 +83,7 @@ __all__ = [
     "ErrorClassifier",
     "ErrorHandler",
     "HandlerTimeout",
+    "Health",
     "InMemoryDeadLetterStore",
     "InMemoryDedupStore",
     "InvalidMessageError",
@@ -89,11 +95,13 @@ __all__ = [
     "Outcome",
     "PoisonMessageError",
     "ProcessResult",
+    "RedisStreamConsumer",
     "ReliabilityLayer",
     "ReliabilitySettings",
     "Retrier",
     "RetryDetails",
     "RetryPolicy",
+    "StreamProducer",
     "StreamwardenError",
     "configure_telemetry",
     "current_lease",

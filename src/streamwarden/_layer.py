@@ -204,6 +204,7 @@ class ReliabilityLayer:
         self._content_hash_ids = settings.missing_id_policy == "content_hash"
         self._destinations: dict[str, DestinationTelemetry] = {}
         self._id_field = settings.id_field
+        self._defer_exhausted = settings.exhausted_transient_action == "defer"
         self._poison_max_deliveries = settings.poison_max_deliveries or sys.maxsize
         self._default_destination = settings.destination
         # The collector's live counts (every seed counter key is present): the layer adds to them in place.
@@ -271,9 +272,18 @@ class ReliabilityLayer:
 
     # --- the pipeline -----------------------------------------------------------------------------
     async def process(
-        self, message: Any, processor: Processor, *, destination: str | None = None
+        self,
+        message: Any,
+        processor: Processor,
+        *,
+        destination: str | None = None,
+        claim: ClaimResult | None = None,
     ) -> ProcessResult:
         """Process one message and return its :class:`ProcessResult` (never raises for a failed message).
+
+        ``claim`` is the message's dedup claim when the caller already made it (a stream runner claims
+        a whole batch in one round trip with ``deduplication_manager.claim_many``); the layer then
+        owns that lease: it completes or releases it.
 
         Only cancellation propagates (after the claim is released). This method is the hot path: the
         common case (a new id, first attempt succeeds) is written out flat, and everything rarer lives
@@ -329,7 +339,9 @@ class ReliabilityLayer:
             )
             lease: Lease | None = None
             try:
-                if self._claim_nowait is not None:
+                if claim is not None:
+                    pass  # claimed by the caller, in a batch
+                elif self._claim_nowait is not None:
                     claim = self._claim_nowait(mid, policy.lease, fingerprint)
                 else:
                     claim = await self._dedup_store.claim(mid, policy.lease, fingerprint)
@@ -540,6 +552,10 @@ class ReliabilityLayer:
         except CircuitOpenError as rejected:
             return await self._defer(mid, dt, lease, rejected, attempts)
         except Exception as final:
+            if self._defer_exhausted and self.retrier.should_retry(final):
+                # retries ran out on an error that may pass: leave it to redelivery (and, if it keeps
+                # failing, to the poison check) instead of filling the DLQ during an outage
+                return await self._defer(mid, dt, lease, final, attempts)
             if env is None:
                 env = Envelope(mid, message, headers if isinstance(headers, Mapping) else {})
             return await self._fail(env, dt, lease, final, attempts)

@@ -79,6 +79,9 @@ METRIC_DLQ_DEPTH: Final = "streamwarden.dlq.depth"
 METRIC_DLQ_REPLAYS: Final = "streamwarden.dlq.replays"
 METRIC_DLQ_WRITE_ERRORS: Final = "streamwarden.dlq.write_errors"
 METRIC_INVALID_MESSAGES: Final = "streamwarden.invalid_messages"
+METRIC_CONSUMER_LAG: Final = "streamwarden.consumer.lag"
+METRIC_CONSUMER_PENDING: Final = "streamwarden.consumer.pending"
+METRIC_CONSUMER_LOST: Final = "streamwarden.consumer.lost"
 
 # Histogram bucket boundaries for processing latency, in seconds (0.005 ... 10).
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -99,6 +102,9 @@ PROMETHEUS_NAMES: Final = {
     METRIC_DLQ_REPLAYS: "streamwarden_dlq_replays_total",
     METRIC_DLQ_WRITE_ERRORS: "streamwarden_dlq_write_errors_total",
     METRIC_INVALID_MESSAGES: "streamwarden_invalid_messages_total",
+    METRIC_CONSUMER_LAG: "streamwarden_consumer_lag",
+    METRIC_CONSUMER_PENDING: "streamwarden_consumer_pending",
+    METRIC_CONSUMER_LOST: "streamwarden_consumer_lost_total",
 }
 
 # --- seed-compatible MetricsCollector counter names ------------------------------------------------

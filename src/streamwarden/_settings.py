@@ -50,6 +50,14 @@ class ReliabilitySettings(BaseSettings):
         60.0, gt=0, description="Overall time budget for all attempts of one message, s."
     )
     processing_timeout: float | None = Field(30.0, gt=0, description="Per-attempt timeout, s.")
+    exhausted_transient_action: Literal["dead_letter", "defer"] = Field(
+        "dead_letter",
+        description=(
+            "When retries run out on a retriable error: dead-letter it, or defer it (not acknowledged) so "
+            "the stream redelivers it later; poison_max_deliveries bounds how often. Stream runners "
+            "usually want 'defer'."
+        ),
+    )
     unknown_error_policy: UnknownErrorPolicy = Field(
         "retry", description="Unknown errors are retried like transient ones, or dead-lettered."
     )

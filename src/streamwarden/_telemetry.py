@@ -198,6 +198,19 @@ class Telemetry:
             unit="{error}",
             description="Dead-letter writes that were not confirmed (the message was not acknowledged).",
         )
+        self._consumer_sources: list[Callable[[], Iterable[tuple[str, int, Mapping[str, Any]]]]] = []
+        meter.create_observable_gauge(
+            n.METRIC_CONSUMER_LAG,
+            callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_LAG)],
+            unit="{message}",
+            description="Entries in the stream not yet delivered to the consumer group (Redis >= 7).",
+        )
+        meter.create_observable_gauge(
+            n.METRIC_CONSUMER_PENDING,
+            callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_PENDING)],
+            unit="{message}",
+            description="Entries delivered to the group but not yet acknowledged.",
+        )
         self.invalid_messages = meter.create_counter(
             n.METRIC_INVALID_MESSAGES,
             unit="{message}",
@@ -247,6 +260,24 @@ class Telemetry:
                 log.exception("dead-letter depth source failed")
         for dest, depth in totals.items():
             yield Observation(depth, {**self._service_attrs, n.ATTR_MESSAGING_DESTINATION: dest})
+
+    def add_consumer_gauge_source(
+        self, source: Callable[[], Iterable[tuple[str, int, Mapping[str, Any]]]]
+    ) -> None:
+        """Report ``source()`` rows ``(metric name, value, attributes)`` as the consumer gauges.
+
+        Sources return cached values: a metric callback never does I/O.
+        """
+        self._consumer_sources.append(source)
+
+    def _observe_consumer(self, metric: str) -> Iterable[Observation]:
+        rows: list[Observation] = []
+        for source in list(self._consumer_sources):
+            try:
+                rows.extend(Observation(v, dict(a)) for name, v, a in source() if name == metric)
+            except Exception:
+                log.exception("consumer gauge source failed")
+        return rows
 
     # --- spans ----------------------------------------------------------------------------------
     def tracing_enabled(self) -> bool:

@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 import streamwarden as sw
-from conftest import Clock, Otel, RecordingSleep
+from _support import Clock, Otel, RecordingSleep
 from streamwarden import _names as n
 
 MakeLayer = Callable[..., sw.ReliabilityLayer]
@@ -634,3 +634,14 @@ async def test_poison_by_delivery_count_is_dead_lettered_unrun(make_layer: MakeL
     assert result.dead_letter is not None
     assert (result.dead_letter.reason, result.dead_letter.delivery_count) == ("poison", 4)
     assert otel.value(n.METRIC_DLQ_MESSAGES, streamwarden__dlq__reason="poison") == 1
+
+
+async def test_exhausted_transient_errors_can_be_deferred(make_layer: MakeLayer) -> None:
+    """exhausted_transient_action=defer: retries run out on a transient error -> DEFERRED, no DLQ entry."""
+    layer = make_layer(exhausted_transient_action="defer", max_retries=1)
+    result = await layer.process({"id": "e"}, failing([ConnectionError("a"), ConnectionError("b")]))
+    assert result.outcome is sw.Outcome.DEFERRED
+    assert not result.should_ack
+    assert await layer.error_handler.dead_letters.count() == 0
+    permanent = await layer.process({"id": "p"}, failing([ValueError("bad")]))
+    assert permanent.outcome is sw.Outcome.DEAD_LETTERED

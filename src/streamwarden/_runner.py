@@ -1,0 +1,501 @@
+"""``RedisStreamConsumer``: a Redis Streams consumer-group runner around the reliability layer.
+
+One loop per consumer::
+
+    XAUTOCLAIM idle entries of dead consumers (periodically) ─┐
+    XREADGROUP a batch of new entries ────────────────────────┴─► batch dedup claim (one round trip)
+        ─► process with bounded concurrency (optionally in order per key)
+        ─► XACK the entries whose Outcome says so (one round trip per batch)
+
+Acknowledgement follows :attr:`ProcessResult.should_ack`: processed, duplicate and dead-lettered
+(after the DLQ write was confirmed) are acknowledged; in-progress, deferred and failed entries stay
+pending and come back later through ``XAUTOCLAIM`` with a higher delivery count, which the layer's
+poison check reads.
+
+**Backpressure.** While the circuit breaker is open the runner stops reading instead of burning the
+backlog into deferrals; it resumes when the breaker's open timeout has passed (the next message is
+the half-open trial). When Redis is unreachable it backs off exponentially (capped, jittered) and
+reconnects; there is no busy loop.
+
+**Shutdown.** :meth:`RedisStreamConsumer.stop` (wired to SIGTERM/SIGINT by :meth:`run_until_signal`)
+stops reading, waits up to ``shutdown_timeout`` for in-flight messages, then cancels the rest. A
+cancelled message releases its claim and is not acknowledged, so nothing unprocessed is ever acked.
+
+**Trimmed while pending.** ``XAUTOCLAIM`` reports ids that were deleted (e.g. ``XTRIM``) while still
+pending. Those messages are lost to the stream; the runner counts them
+(``streamwarden.consumer.lost``), logs them, and removes them from the pending list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import propagate
+
+from . import _names as n
+from ._dedup import ClaimResult
+from ._envelope import Envelope
+from ._layer import ProcessResult, ReliabilityLayer
+
+__all__ = ["ConsumerStats", "Health", "RedisStreamConsumer", "StreamProducer", "decode_entry"]
+
+log = logging.getLogger("streamwarden.runner")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+FIELD_ID = "id"
+FIELD_PAYLOAD = "payload"
+FIELD_KEY = "key"
+FIELD_TRACEPARENT = "traceparent"
+FIELD_TRACESTATE = "tracestate"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+def decode_entry(
+    entry_id: Any, fields: Mapping[Any, Any], *, destination: str, delivery_count: int = 1
+) -> Envelope:
+    """Turn a stream entry into an :class:`Envelope`.
+
+    The message id is the entry's ``id`` field (set by the producer, so producer retries deduplicate),
+    or the stream entry id when the field is absent (then only redeliveries deduplicate). ``payload``
+    is JSON-decoded when it parses; ``traceparent`` / ``tracestate`` become headers; ``key`` is the
+    ordering key.
+    """
+    decoded = {_text(k): v for k, v in fields.items()}
+    stream_id = _text(entry_id)
+    raw_payload = decoded.get(FIELD_PAYLOAD)
+    payload: Any
+    if raw_payload is None:
+        payload = {k: _text(v) for k, v in decoded.items()}
+    else:
+        text = _text(raw_payload)
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            payload = text
+    headers = {h: _text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
+    message_id = _text(decoded[FIELD_ID]) if FIELD_ID in decoded else stream_id
+    key = _text(decoded[FIELD_KEY]) if FIELD_KEY in decoded else None
+    return Envelope(
+        id=message_id or stream_id,
+        payload=payload,
+        headers=headers,
+        destination=destination,
+        source_ref=stream_id,
+        delivery_count=delivery_count,
+        key=key,
+    )
+
+
+class StreamProducer:
+    """Writes messages to a stream with an id, a JSON payload and the current trace context."""
+
+    def __init__(self, client: Any, stream: str, *, maxlen: int | None = None) -> None:
+        self.client = client
+        self.stream = stream
+        self.maxlen = maxlen
+
+    async def send(self, payload: Any, *, message_id: str | None = None, key: str | None = None) -> str:
+        """``XADD`` one message; returns the stream entry id. The ``traceparent`` of the current span
+        is written so the consumer's process span links to this producer."""
+        fields: dict[str, str] = {FIELD_PAYLOAD: json.dumps(payload, separators=(",", ":"))}
+        if message_id is not None:
+            fields[FIELD_ID] = message_id
+        if key is not None:
+            fields[FIELD_KEY] = key
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        fields.update({k: v for k, v in carrier.items() if k in (FIELD_TRACEPARENT, FIELD_TRACESTATE)})
+        entry_id = await self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=False)
+        return _text(entry_id)
+
+
+@dataclass
+class ConsumerStats:
+    """Counters of one runner (also visible as OpenTelemetry metrics)."""
+
+    read: int = 0
+    reclaimed: int = 0
+    acked: int = 0
+    not_acked: int = 0
+    lost: int = 0
+    redis_errors: int = 0
+    paused_for_breaker: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Health:
+    """A readiness answer: ``ready`` plus the facts it is made of."""
+
+    ready: bool
+    breakers: dict[str, str]
+    redis_ok: bool
+    dlq_ok: bool
+    dlq_depth: int | None
+    lag: int | None
+    pending: int | None
+    reason: str = ""
+
+
+class RedisStreamConsumer:
+    """Consume ``stream`` as ``consumer`` in ``group`` through ``layer``, acknowledging by outcome."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        layer: ReliabilityLayer,
+        batch_size: int = 64,
+        block_ms: int = 1000,
+        concurrency: int = 16,
+        ordered_by_key: bool = False,
+        claim_idle_ms: int = 60_000,
+        claim_every_s: float = 5.0,
+        start_id: str = "0",
+        shutdown_timeout: float = 30.0,
+        max_backoff_s: float = 5.0,
+        metrics_every_s: float = 5.0,
+    ) -> None:
+        if batch_size < 1 or concurrency < 1:
+            raise ValueError("batch_size and concurrency must be at least 1")
+        self.client = client
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.handler = handler
+        self.layer = layer
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.concurrency = concurrency
+        self.ordered_by_key = ordered_by_key
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_every_s = claim_every_s
+        self.start_id = start_id
+        self.shutdown_timeout = shutdown_timeout
+        self.max_backoff_s = max_backoff_s
+        self.metrics_every_s = metrics_every_s
+        self.stats = ConsumerStats()
+        self._stop = asyncio.Event()
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._key_tails: dict[str, asyncio.Task[None]] = {}
+        self._claim_cursor = "0-0"
+        self._last_claim = 0.0
+        self._lag: int | None = None
+        self._pending: int | None = None
+        self._last_metrics = 0.0
+        self._running = False
+        self._group_ok = False
+        telemetry = layer.telemetry
+        attrs = {
+            n.ATTR_SERVICE_NAME: layer.settings.service_name,
+            n.ATTR_MESSAGING_DESTINATION: stream,
+            n.ATTR_MESSAGING_CONSUMER_GROUP: group,
+        }
+        self._attrs = attrs
+        self._lost_counter = telemetry.meter.create_counter(
+            n.METRIC_CONSUMER_LOST,
+            unit="{message}",
+            description="Pending stream entries deleted (trimmed) before they were processed.",
+        )
+        telemetry.add_consumer_gauge_source(self._gauge_values)
+
+    # --- public control -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop reading; in-flight messages finish (or are cancelled after ``shutdown_timeout``)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    async def run_until_signal(self) -> None:
+        """:meth:`run`, stopping gracefully on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`; returns after in-flight work finished or was abandoned."""
+        self._running = True
+        backoff = 0.05
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self.ensure_group()
+                    await self._loop_once()
+                    backoff = 0.05
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not _is_redis_error(exc):
+                        raise
+                    if "NOGROUP" in str(exc):  # stream or group gone (Redis restarted empty, stream deleted)
+                        self._group_ok = False
+                    self.stats.redis_errors += 1
+                    log.warning(
+                        "redis error in consumer %s: %r; retrying in %.2fs", self.consumer, exc, backoff
+                    )
+                    await self._sleep_or_stop(backoff * random.uniform(0.5, 1.0))
+                    backoff = min(self.max_backoff_s, backoff * 2)
+        finally:
+            await self._drain()
+            self._running = False
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing."""
+        if self._group_ok:
+            return
+        try:
+            await self.client.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ok = True
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def _loop_once(self) -> None:
+        breaker = self.layer.circuit_breaker
+        if breaker.state == "open":
+            wait = breaker.retry_after()
+            if wait > 0:
+                self.stats.paused_for_breaker += 1
+                await self._sleep_or_stop(wait)
+                return
+        now = time.monotonic()
+        if now - self._last_metrics >= self.metrics_every_s:
+            self._last_metrics = now
+            await self.refresh_lag()
+        if now - self._last_claim >= self.claim_every_s:
+            self._last_claim = now
+            if await self.reclaim():
+                return
+        await self._wait_for_capacity()
+        count = min(self.batch_size, self.concurrency - len(self._inflight)) or 1
+        response = await self.client.xreadgroup(
+            self.group, self.consumer, {self.stream: ">"}, count=count, block=self.block_ms
+        )
+        entries = [(eid, fields) for _stream, batch in (response or []) for eid, fields in batch]
+        if entries:
+            self.stats.read += len(entries)
+            await self._dispatch(entries, {})
+
+    async def reclaim(self) -> int:
+        """Take over entries idle for ``claim_idle_ms`` (their consumer died); returns how many."""
+        reply = await self.client.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.batch_size,
+        )
+        cursor, claimed = reply[0], reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        self._claim_cursor = _text(cursor)
+        if deleted:
+            await self._count_lost(deleted)
+        claimed = [(eid, fields) for eid, fields in claimed if fields is not None]
+        if not claimed:
+            return 0
+        self.stats.reclaimed += len(claimed)
+        deliveries = await self._delivery_counts([eid for eid, _ in claimed])
+        await self._dispatch(claimed, deliveries)
+        return len(claimed)
+
+    async def _count_lost(self, deleted: Sequence[Any]) -> None:
+        ids = [_text(d) for d in deleted]
+        self.stats.lost += len(ids)
+        self._lost_counter.add(len(ids), self._attrs)
+        log.error(
+            "stream %s: %d pending entries were deleted before processing (trimmed?): %s",
+            self.stream,
+            len(ids),
+            ", ".join(ids[:10]),
+        )
+        # XAUTOCLAIM already dropped them from the pending list; XACK is a harmless confirmation.
+        await self.client.xack(self.stream, self.group, *ids)
+
+    async def _delivery_counts(self, entry_ids: Sequence[Any]) -> dict[str, int]:
+        if not entry_ids:
+            return {}
+        texts = [_text(e) for e in entry_ids]
+        rows = await self.client.xpending_range(
+            self.stream, self.group, min=min(texts, key=_stream_order), max=max(texts, key=_stream_order),
+            count=max(len(texts), self.batch_size) * 4,
+        )  # fmt: skip
+        wanted = set(texts)
+        return {
+            _text(r["message_id"]): int(r["times_delivered"])
+            for r in rows
+            if _text(r["message_id"]) in wanted
+        }
+
+    async def _dispatch(
+        self, entries: Sequence[tuple[Any, Mapping[Any, Any]]], deliveries: dict[str, int]
+    ) -> None:
+        envelopes = [
+            decode_entry(eid, fields, destination=self.stream, delivery_count=deliveries.get(_text(eid), 1))
+            for eid, fields in entries
+        ]
+        claims: list[ClaimResult | None]
+        try:
+            claims = list(await self.layer.deduplication_manager.claim_many([e.id for e in envelopes]))
+        except Exception as exc:  # the layer claims one by one and applies the store-failure policy
+            log.warning("batch dedup claim failed (%r); falling back to per-message claims", exc)
+            claims = [None] * len(envelopes)
+        for env, claim in zip(envelopes, claims, strict=True):
+            await self._semaphore.acquire()
+            previous = self._key_tails.get(env.key) if (self.ordered_by_key and env.key) else None
+            task = asyncio.create_task(self._handle(env, claim, previous))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+            # released by a callback, not in _handle: a task cancelled before it starts runs no finally
+            task.add_done_callback(self._release_slot)
+            if self.ordered_by_key and env.key:
+                self._key_tails[env.key] = task
+                task.add_done_callback(functools.partial(self._forget_tail, env.key))
+
+    def _release_slot(self, _task: asyncio.Task[None]) -> None:
+        self._semaphore.release()
+
+    def _forget_tail(self, key: str, task: asyncio.Task[None]) -> None:
+        if self._key_tails.get(key) is task:
+            del self._key_tails[key]
+
+    async def _handle(
+        self, env: Envelope, claim: ClaimResult | None, previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(previous)
+        result = await self.layer.process(env, self.handler, claim=claim)
+        await self._acknowledge(env, result)
+
+    async def _acknowledge(self, env: Envelope, result: ProcessResult) -> None:
+        outcome = result.outcome.value
+        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        if not result.should_ack:
+            self.stats.not_acked += 1
+            return
+        try:
+            await self.client.xack(self.stream, self.group, env.source_ref)
+        except Exception as exc:  # stays pending; redelivery is answered as a duplicate
+            self.stats.redis_errors += 1
+            log.warning(
+                "XACK of %s failed (%r): it will be redelivered and deduplicated", env.source_ref, exc
+            )
+            return
+        self.stats.acked += 1
+
+    async def _wait_for_capacity(self) -> None:
+        if len(self._inflight) < self.concurrency:
+            return
+        await asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _drain(self) -> None:
+        if not self._inflight:
+            return
+        _done, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("shutdown: abandoned %d in-flight messages (not acknowledged)", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- metrics and health -------------------------------------------------------------------
+    async def refresh_lag(self) -> None:
+        """Read the group's lag (Redis ≥ 7) and pending count for the gauges and health."""
+        try:
+            groups = await self.client.xinfo_groups(self.stream)
+        except Exception as exc:
+            log.debug("XINFO GROUPS failed: %r", exc)
+            return
+        for info in groups:
+            if _text(info.get("name")) == self.group:
+                lag = info.get("lag")
+                self._lag = int(lag) if lag is not None else None
+                self._pending = int(info.get("pending", 0))
+
+    def _gauge_values(self) -> list[tuple[str, int, Mapping[str, Any]]]:
+        values: list[tuple[str, int, Mapping[str, Any]]] = []
+        if self._lag is not None:
+            values.append((n.METRIC_CONSUMER_LAG, self._lag, self._attrs))
+        if self._pending is not None:
+            values.append((n.METRIC_CONSUMER_PENDING, self._pending, self._attrs))
+        return values
+
+    async def health(self) -> Health:
+        """Readiness: breakers, dedup/DLQ stores reachable, DLQ depth, lag."""
+        breakers = self.layer.breakers.states()
+        redis_ok = True
+        try:
+            await self.client.ping()
+        except Exception:
+            redis_ok = False
+        dlq_ok, depth = True, None
+        try:
+            depth = await self.layer.error_handler.dead_letters.count()
+        except Exception:
+            dlq_ok = False
+        await self.refresh_lag()
+        reasons = []
+        if not redis_ok:
+            reasons.append("redis unreachable")
+        if not dlq_ok:
+            reasons.append("dead-letter store unreachable")
+        if any(state == "open" for state in breakers.values()):
+            reasons.append("circuit breaker open")
+        return Health(
+            ready=not reasons,
+            breakers=breakers,
+            redis_ok=redis_ok,
+            dlq_ok=dlq_ok,
+            dlq_depth=depth,
+            lag=self._lag,
+            pending=self._pending,
+            reason="; ".join(reasons),
+        )
+
+
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _is_redis_error(exc: BaseException) -> bool:
+    import redis.exceptions
+
+    return isinstance(exc, redis.exceptions.RedisError | ConnectionError | OSError)
