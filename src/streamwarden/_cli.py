@@ -48,6 +48,12 @@ def main() -> None:
 @click.option("--control-port", type=int, default=None, help="POST/DELETE /outage, GET /status on 127.0.0.1.")
 @click.option("--otlp-endpoint", default=None, help="Export traces and metrics over OTLP (gRPC).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
+@click.option(
+    "--redis-url",
+    default=None,
+    help="Run through Redis instead: a stream, 3 consumer runners, the Redis dedup store and DLQ.",
+)
+@click.option("--consumers", default=3, show_default=True, help="Consumer runners (with --redis-url).")
 def demo(
     messages: int,
     rate: float,
@@ -62,6 +68,8 @@ def demo(
     control_port: int | None,
     otlp_endpoint: str | None,
     as_json: bool,
+    redis_url: str | None,
+    consumers: int,
 ) -> None:
     """Push a trading-signal stream with duplicates, faults, an outage and poison through the layer.
 
@@ -89,7 +97,12 @@ def demo(
             prometheus_host=prometheus_host,
         )
     console = _console(stderr=as_json)
-    report = asyncio.run(_run(config, console, control_port, quiet=as_json))
+    if redis_url is not None:
+        if live:
+            raise click.BadParameter("--live runs on the embedded stores only", param_hint="--redis-url")
+        report = asyncio.run(_run_redis(config, console, redis_url, consumers, quiet=as_json))
+    else:
+        report = asyncio.run(_run(config, console, control_port, quiet=as_json))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -140,6 +153,34 @@ async def _run(config: DemoConfig, console: Console, control_port: int | None, *
     return report
 
 
+async def _run_redis(
+    config: DemoConfig, console: Console, redis_url: str, consumers: int, *, quiet: bool
+) -> DemoReport:
+    from ._demo import run_redis_demo
+
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+    task = progress.add_task("produced", total=config.messages)
+    with progress:
+        report = await run_redis_demo(
+            config,
+            redis_url,
+            consumers=consumers,
+            stop=stop,
+            on_progress=lambda r, _backlog: progress.update(task, completed=r.produced),
+        )
+        progress.update(task, completed=report.produced)
+    return report
+
+
 def _print_report(console: Console, report: DemoReport, live: bool) -> None:
     table = Table(title="streamwarden demo", show_header=True, header_style="bold")
     table.add_column("what")
@@ -175,3 +216,132 @@ def _print_report(console: Console, report: DemoReport, live: bool) -> None:
         console.print("[red]NOT reconciled:[/red]")
         for problem in report.problems:
             console.print(f"  - {problem}")
+
+
+def load_handler(spec: str) -> Any:
+    """Import ``module:function`` (the current directory is importable) and return the function."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"expected module:function, got {spec!r}", param_hint="--handler")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="--handler") from exc
+    handler = getattr(module, attr, None)
+    if handler is None or not callable(handler):
+        raise click.BadParameter(f"{module_name!r} has no callable {attr!r}", param_hint="--handler")
+    return handler
+
+
+@main.command()
+@click.option(
+    "--redis-url", envvar="STREAMWARDEN_REDIS_URL", required=True, help="redis:// or rediss:// URL."
+)
+@click.option("--stream", required=True, help="Stream to consume.")
+@click.option("--group", required=True, help="Consumer group (created if missing).")
+@click.option("--consumer", default=None, help="Consumer name (default: host-pid).")
+@click.option("--handler", "handler_spec", required=True, help="The message handler, as module:function.")
+@click.option("--concurrency", default=16, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--claim-idle-ms", default=60_000, show_default=True, help="Take over entries idle this long.")
+@click.option("--claim-every", default=5.0, show_default=True, help="Seconds between takeover scans.")
+@click.option("--block-ms", default=1000, show_default=True, help="XREADGROUP block time.")
+@click.option("--ordered-by-key", is_flag=True, help="Handle messages with the same key in order.")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, help="Seconds to finish in-flight work.")
+@click.option("--health-port", type=int, default=None, help="Serve /healthz and /readyz on 127.0.0.1:PORT.")
+@click.option("--prometheus-port", type=int, default=None, help="Serve /metrics on 127.0.0.1:PORT.")
+@click.option("--otlp-endpoint", default=None, help="Export traces and metrics over OTLP (gRPC).")
+def consume(
+    redis_url: str,
+    stream: str,
+    group: str,
+    consumer: str | None,
+    handler_spec: str,
+    concurrency: int,
+    batch_size: int,
+    claim_idle_ms: int,
+    claim_every: float,
+    block_ms: int,
+    ordered_by_key: bool,
+    shutdown_timeout: float,
+    health_port: int | None,
+    prometheus_port: int | None,
+    otlp_endpoint: str | None,
+) -> None:
+    """Run a handler on a Redis Streams consumer group through the reliability layer.
+
+    Settings come from STREAMWARDEN_* variables (e.g. STREAMWARDEN_EXHAUSTED_TRANSIENT_ACTION=defer).
+    Stops gracefully on SIGTERM/SIGINT.
+    """
+    import socket
+
+    from ._settings import ReliabilitySettings
+
+    handler = load_handler(handler_spec)
+    settings = ReliabilitySettings()
+    if prometheus_port is not None or otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from ._telemetry import configure_telemetry
+
+        configure_telemetry(
+            settings.service_name, otlp_endpoint=otlp_endpoint, prometheus_port=prometheus_port
+        )
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    asyncio.run(
+        _consume(
+            redis_url,
+            settings,
+            handler,
+            dict(
+                stream=stream,
+                group=group,
+                consumer=name,
+                concurrency=concurrency,
+                batch_size=batch_size,
+                claim_idle_ms=claim_idle_ms,
+                claim_every_s=claim_every,
+                block_ms=block_ms,
+                ordered_by_key=ordered_by_key,
+                shutdown_timeout=shutdown_timeout,
+            ),
+            health_port,
+        )
+    )
+
+
+async def _consume(
+    redis_url: str, settings: Any, handler: Any, options: dict[str, Any], health_port: int | None
+) -> None:
+    import redis.asyncio
+
+    from ._layer import ReliabilityLayer
+    from ._runner import HealthServer, RedisStreamConsumer
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        layer = ReliabilityLayer(client, settings)
+        runner = RedisStreamConsumer(client, handler=handler, layer=layer, **options)
+        health: HealthServer | None = None
+        if health_port is not None:
+            health = HealthServer(runner, port=health_port)
+            await health.start()
+        console = _console(stderr=True)
+        console.print(
+            f"consuming [bold]{options['stream']}[/bold] as {options['consumer']} in group {options['group']}"
+        )
+        try:
+            await runner.run_until_signal()
+        finally:
+            if health is not None:
+                await health.close()
+            await layer.metrics_collector.flush()
+        stats = runner.stats
+        console.print(
+            f"stopped: read {stats.read}, reclaimed {stats.reclaimed}, acked {stats.acked}, "
+            f"not acked {stats.not_acked}, lost {stats.lost}, outcomes {stats.outcomes}"
+        )
+    finally:
+        await client.aclose()

@@ -38,7 +38,7 @@ from ._envelope import Envelope
 from ._layer import Outcome, ReliabilityLayer
 from ._settings import ReliabilitySettings
 
-__all__ = ["DemoConfig", "DemoReport", "run_demo"]
+__all__ = ["DemoConfig", "DemoReport", "run_demo", "run_redis_demo"]
 
 SYMBOLS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "TSLA", "META", "BTC-USD", "ETH-USD", "EURUSD")
 STRATEGIES = ("momentum", "mean-reversion", "pairs", "breakout")
@@ -131,8 +131,9 @@ class BrokerAPI:
             raise ValueError(f"invalid quantity {qty!r} for {data['symbol']}")
         if self._rng.random() < self._config.transient_fault_ratio:
             raise ConnectionError("broker API connection reset")
-        self.executed[payload["id"]] += 1
-        return {"order_id": f"ord-{payload['id']}", "status": "filled"}
+        message_id = message.id if isinstance(message, Envelope) else payload["id"]
+        self.executed[message_id] += 1
+        return {"order_id": f"ord-{message_id}", "status": "filled"}
 
 
 def _signal(i: int, rng: random.Random, config: DemoConfig) -> dict[str, Any]:
@@ -421,3 +422,149 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+
+
+async def run_redis_demo(
+    config: DemoConfig,
+    redis_url: str,
+    *,
+    consumers: int = 3,
+    on_progress: Callable[[DemoReport, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> DemoReport:
+    """The same workload through Redis: a stream, ``consumers`` runners in one consumer group, the Redis
+    dedup store, dead-letter queue and counters. Unacknowledged entries come back via XAUTOCLAIM.
+
+    The stream (``{key_prefix}:demo:<run>``) is deleted at the end; dead letters stay in Redis for
+    ``streamwarden dlq list`` and are purged by ``streamwarden dlq purge``.
+    """
+    import uuid
+
+    import redis.asyncio
+
+    from ._runner import RedisStreamConsumer, StreamProducer
+
+    rng = random.Random(config.seed)
+    fault_rng = random.Random(config.seed + 1)
+    run = uuid.uuid4().hex[:8]
+    stream = f"streamwarden:demo:{config.destination}:{run}"
+    settings = ReliabilitySettings(
+        service_name=config.service_name,
+        destination=stream,
+        max_retries=3,
+        retry_initial_delay=0.005,
+        retry_max_delay=0.05,
+        retry_deadline=2.0,
+        processing_timeout=1.0,
+        dedup_lease=5.0,
+        circuit_breaker_threshold=5,
+        circuit_breaker_timeout=0.5,
+        exhausted_transient_action="defer",
+        poison_max_deliveries=None,  # the outage redelivers messages often; poison here is by content
+    )
+    client = redis.asyncio.Redis.from_url(redis_url)
+    report = DemoReport()
+    broker = BrokerAPI(config, fault_rng)
+    stop = stop or asyncio.Event()
+    layers = [ReliabilityLayer(client, settings) for _ in range(consumers)]
+    runners = [
+        RedisStreamConsumer(
+            client,
+            stream=stream,
+            group="demo",
+            consumer=f"demo-{i}",
+            handler=broker.execute,
+            layer=layer,
+            batch_size=32,
+            block_ms=100,
+            concurrency=max(1, config.concurrency // consumers),
+            claim_idle_ms=300,
+            claim_every_s=0.1,
+        )
+        for i, layer in enumerate(layers)
+    ]
+    for layer in layers:
+        layer.circuit_breaker.add_transition_listener(
+            lambda e: report.transitions.append((e.from_state, e.to_state))
+        )
+    producer = StreamProducer(client, stream)
+    started = time.monotonic()
+    try:
+        await runners[0].ensure_group()
+        tasks = [asyncio.create_task(r.run()) for r in runners]
+        resend_pool: list[dict[str, Any]] = []
+        outage_at = config.messages * config.outage_start
+        outage_until = config.messages * (config.outage_start + config.outage_length)
+        for i in range(config.messages):
+            if stop.is_set():
+                break
+            broker.outage = outage_at <= i < outage_until
+            if resend_pool and rng.random() < config.duplicate_ratio:
+                message = rng.choice(resend_pool)
+                report.resent += 1
+            else:
+                message = _signal(i, rng, config)
+                report.unique_ids += 1
+                if "id" in message:
+                    report.produced_ids.add(message["id"])
+                    resend_pool = [*resend_pool[-499:], message]
+                else:
+                    report.missing_ids += 1
+            report.produced += 1
+            await producer.send(message, message_id=message.get("id"))
+            await asyncio.sleep(1.0 / config.rate)
+            if on_progress is not None and i % 25 == 0:
+                on_progress(report, 0)
+        broker.outage = False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not stop.is_set():
+            info = await client.xpending(stream, "demo")
+            lag = [g for g in await client.xinfo_groups(stream) if _as_text(g.get("name")) == "demo"]
+            if int(info["pending"]) == 0 and lag and int(lag[0].get("lag") or 0) == 0:
+                break
+            await asyncio.sleep(0.1)
+        for r in runners:
+            r.stop()
+        await asyncio.gather(*tasks)
+        report.elapsed = time.monotonic() - started
+        for r in runners:
+            for outcome, count in r.stats.outcomes.items():
+                report.outcomes[outcome] += count
+            report.redeliveries += r.stats.reclaimed
+        report.executed = sum(broker.executed.values())
+        for layer in layers:
+            await layer.metrics_collector.flush()
+        report.metrics = await layers[0].metrics_collector.get_reliability_metrics()
+        report.retries = int(report.metrics.get("retry_attempts", 0))
+        entries = await layers[0].error_handler.dead_letters.list(stream, limit=report.produced + 1)
+        for entry in entries:
+            report.dlq_reasons[entry.reason] += 1
+        _reconcile_redis(report, broker, Counter(entry.message_id for entry in entries), stream)
+    finally:
+        await client.delete(stream)
+        await client.aclose()
+    return report
+
+
+def _as_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _reconcile_redis(
+    report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None], stream: str
+) -> None:
+    """The Redis run's checks: nothing lost, nothing executed twice, every id accounted for."""
+    problems = report.problems
+    twice = sorted(mid for mid, count in broker.executed.items() if count > 1)
+    if twice:
+        problems.append(f"{len(twice)} signals executed more than once, e.g. {twice[:3]}")
+    lost = sorted(
+        mid for mid in report.produced_ids if mid not in broker.executed and mid not in dead_letter_ids
+    )
+    if lost:
+        problems.append(f"{len(lost)} signals neither executed nor dead-lettered, e.g. {lost[:3]}")
+    acked = sum(
+        report.outcomes.get(o.value, 0) for o in (Outcome.PROCESSED, Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
+    )
+    if acked != report.produced:
+        problems.append(f"acknowledged entries {acked} != produced entries {report.produced}")

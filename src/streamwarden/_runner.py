@@ -47,7 +47,7 @@ from ._dedup import ClaimResult
 from ._envelope import Envelope
 from ._layer import ProcessResult, ReliabilityLayer
 
-__all__ = ["ConsumerStats", "Health", "RedisStreamConsumer", "StreamProducer", "decode_entry"]
+__all__ = ["ConsumerStats", "Health", "HealthServer", "RedisStreamConsumer", "StreamProducer", "decode_entry"]
 
 log = logging.getLogger("streamwarden.runner")
 
@@ -499,3 +499,69 @@ def _is_redis_error(exc: BaseException) -> bool:
     import redis.exceptions
 
     return isinstance(exc, redis.exceptions.RedisError | ConnectionError | OSError)
+
+
+class HealthServer:
+    """A tiny HTTP endpoint for orchestrator probes, on loopback by default.
+
+    ``GET /healthz`` answers 200 while the process serves; ``GET /readyz`` answers 200 when
+    :meth:`RedisStreamConsumer.health` is ready and 503 otherwise, with the facts as JSON.
+    """
+
+    def __init__(self, consumer: RedisStreamConsumer, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.consumer = consumer
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Start serving; returns the bound port."""
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self) -> None:
+        """Stop serving."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            body: dict[str, Any]
+            if path == "/healthz":
+                code, body = 200, {"status": "ok"}
+            elif path == "/readyz":
+                health = await self.consumer.health()
+                code = 200 if health.ready else 503
+                body = {
+                    "ready": health.ready,
+                    "reason": health.reason,
+                    "breakers": health.breakers,
+                    "redis_ok": health.redis_ok,
+                    "dlq_ok": health.dlq_ok,
+                    "dlq_depth": health.dlq_depth,
+                    "lag": health.lag,
+                    "pending": health.pending,
+                }
+            else:
+                code, body = 404, {"error": "not found"}
+            data = json.dumps(body).encode()
+            reason = {200: "OK", 503: "Service Unavailable", 404: "Not Found"}[code]
+            writer.write(
+                f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
