@@ -61,11 +61,17 @@ class Lease(NamedTuple):
 
 
 class ClaimResult(NamedTuple):
-    """Outcome of a claim: the status and, for ``NEW``, the lease the caller now holds."""
+    """Outcome of a claim: the status and, for ``NEW``, the lease the caller now holds.
+
+    ``takeover`` marks a ``NEW`` claim that replaced another owner's *expired* lease: that owner may
+    have run the side effect and died before completing, so this execution is a possible duplicate
+    (the documented crash window); the layer counts it.
+    """
 
     status: ClaimStatus
     lease: Lease | None = None
     retry_after: float | None = None
+    takeover: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +211,7 @@ class InMemoryDedupStore:
         self._held[message_id] = lease
         if len(self._held) > self._max_entries:
             self._drop_expired_leases(now)
-        return _tuple_new(ClaimResult, (ClaimStatus.NEW, lease, None))
+        return _tuple_new(ClaimResult, (ClaimStatus.NEW, lease, None, held is not None))
 
     def _drop_expired_leases(self, now: float) -> None:
         for key in [k for k, h in self._held.items() if h.expires_at <= now]:

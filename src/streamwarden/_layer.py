@@ -354,6 +354,8 @@ class ReliabilityLayer:
                     return self._not_new(mid, claim.status, dt, span)
                 dt.dedup[ClaimStatus.NEW].value += 1
                 lease = claim.lease
+                if claim.takeover:
+                    self._took_over(mid, dt, span)
             if delivery > self._poison_max_deliveries:
                 return await self._poison(mid, env, headers, message, delivery, dt, lease)
             # --- first attempt, outside tenacity ------------------------------------------------
@@ -481,6 +483,14 @@ class ReliabilityLayer:
             return self._finish(dt, Outcome.DEFERRED, mid, error=unavailable)
         log.warning("dedup store failed; processing %r without deduplication (fail_open)", mid)
         return None
+
+    def _took_over(self, mid: str, dt: DestinationTelemetry, span: Span) -> None:
+        """A claim replaced an expired lease: its owner may have run the effect; count the possible duplicate."""
+        dt.dedup["takeover"].value += 1
+        self._seed_counts[n.COUNTER_TAKEOVERS] += 1
+        if span.is_recording():
+            span.add_event(n.EVENT_DEDUP_TAKEOVER)
+        log.info("message %r: took over an expired lease (possible duplicate execution)", mid)
 
     def _not_new(self, mid: str, status: ClaimStatus, dt: DestinationTelemetry, span: Span) -> ProcessResult:
         dt.dedup[status].value += 1

@@ -63,7 +63,8 @@ _MISSING = object()
 _PROXY_MARKER = ProxyTracerProvider()
 
 OUTCOMES = ("processed", "duplicate", "in_progress", "dead_lettered", "deferred", "failed")
-DEDUP_RESULTS = ("new", "duplicate", "in_progress", "error", "conflict")
+# "takeover" counts NEW claims that replaced an expired lease (also counted as "new"): possible duplicates.
+DEDUP_RESULTS = ("new", "duplicate", "in_progress", "error", "conflict", "takeover")
 
 
 class Cell:

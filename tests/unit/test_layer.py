@@ -645,3 +645,20 @@ async def test_exhausted_transient_errors_can_be_deferred(make_layer: MakeLayer)
     assert await layer.error_handler.dead_letters.count() == 0
     permanent = await layer.process({"id": "p"}, failing([ValueError("bad")]))
     assert permanent.outcome is sw.Outcome.DEAD_LETTERED
+
+
+async def test_takeover_of_an_expired_lease_is_counted(
+    make_layer: MakeLayer, otel: Otel, clock: Clock
+) -> None:
+    """A claim that replaces an expired lease (owner died after its effect?) counts a possible duplicate."""
+    layer = make_layer(dedup_lease=60, processing_timeout=None, retry_deadline=None)
+    stale = await layer.deduplication_manager.claim("t")  # an owner that then "dies"
+    assert stale.lease is not None
+    clock.advance(61)
+    result = await layer.process({"id": "t"}, ok)
+    assert result.outcome is sw.Outcome.PROCESSED
+    assert otel.value(n.METRIC_DEDUP_CHECKS, streamwarden__dedup__result="takeover") == 1
+    assert len(otel.events(n.EVENT_DEDUP_TAKEOVER)) == 1
+    metrics = await layer.metrics_collector.get_reliability_metrics()
+    assert metrics["dedup_takeovers"] == 1
+    assert not await layer.deduplication_manager.complete(stale.lease)
