@@ -61,7 +61,9 @@ def format_traceback(error: BaseException, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
     marker = "...[truncated]...\n"
-    return marker + text[-max(0, max_chars - len(marker)) :]
+    if max_chars <= len(marker):
+        return text[len(text) - max_chars :]
+    return marker + text[len(text) - (max_chars - len(marker)) :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,11 +60,35 @@ def coerce_message_id(raw: object) -> str | None:
 
 
 def canonical_fingerprint(value: Any) -> str:
-    """SHA-256 of the canonical JSON form of ``value`` (sorted keys, compact), as ``sha256:<hex>``."""
-    encoded = json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
-    ).encode("utf-8", "surrogateescape")
+    """SHA-256 of the canonical JSON form of ``value`` (sorted keys, compact), as ``sha256:<hex>``.
+
+    Never raises for data a message can carry: mappings whose keys cannot be sorted against each other
+    (``{1: "a", "b": 2}``) are canonicalised with keys ordered by type and ``repr``; text with lone
+    surrogates (JSON ``"\\ud800"``) is encoded with ``surrogatepass``.
+    """
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+    except TypeError:
+        text = json.dumps(
+            _normalise_keys(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
+        )
+    try:
+        encoded = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        encoded = text.encode("utf-8", "surrogatepass")
     return "sha256:" + hashlib.sha256(encoded).hexdigest()
+
+
+def _normalise_keys(value: Any) -> Any:
+    """Mappings with mixed key types become ordered lists of ``[type:repr(key), value]`` pairs."""
+    if isinstance(value, Mapping):
+        items = sorted(
+            ((f"{type(k).__name__}:{k!r}", _normalise_keys(v)) for k, v in value.items()), key=_first
+        )
+        return [[k, v] for k, v in items]
+    if isinstance(value, list | tuple):
+        return [_normalise_keys(v) for v in value]
+    return value
 
 
 def envelope_from_message(
@@ -95,3 +119,7 @@ def envelope_from_message(
         headers=headers if isinstance(headers, Mapping) else _EMPTY,
         destination=destination,
     )
+
+
+def _first(pair: tuple[str, Any]) -> str:
+    return pair[0]

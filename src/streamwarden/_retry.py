@@ -107,8 +107,8 @@ class Retrier:
 
     def should_retry(self, error: BaseException) -> bool:
         """Transient errors are retried; unknown ones by policy; a breaker rejection never is."""
-        if isinstance(error, CircuitOpenError):
-            return False
+        if not isinstance(error, Exception) or isinstance(error, CircuitOpenError):
+            return False  # cancellation and exits are never retried; nor is a refused call
         cls = self.classifier.classify(error)
         return cls is ErrorClass.TRANSIENT or (cls is ErrorClass.UNKNOWN and self.policy.retry_unknown)
 

@@ -72,7 +72,9 @@ class Watchdog:
         """The attempt raised ``error``: raise :class:`HandlerTimeout` instead if it is our cancellation."""
         if self._armed.pop(task, None) is None and task in self.fired:
             self.fired.discard(task)
-            if isinstance(error, asyncio.CancelledError) and task.uncancel() == 0:
+            # undo our cancel request whatever the handler turned it into, as asyncio.timeout does
+            remaining = task.uncancel()
+            if isinstance(error, asyncio.CancelledError) and remaining == 0:
                 raise HandlerTimeout(timeout) from None
 
     def _schedule(self, when: float) -> None:
