@@ -26,6 +26,7 @@ import enum
 import itertools
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -167,7 +168,9 @@ class InMemoryDedupStore:
             raise ValueError("max_entries must be at least 1")
         self._clock = clock
         self._max_entries = max_entries
-        self._done: dict[str, tuple[float, str | None]] = {}
+        # An OrderedDict, not a dict: removing from the front of a plain dict leaves holes that every
+        # later next(iter(...)) walks over, so sweeping a big store degrades to ~100 µs per claim.
+        self._done: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._held: dict[str, Lease] = {}
         self._ops = 0
         self._tokens = itertools.count(1)
@@ -185,7 +188,7 @@ class InMemoryDedupStore:
             first = next(iter(done))
             if done[first][0] > now:
                 return
-            del done[first]
+            done.popitem(last=False)
 
     def claim_nowait(
         self, message_id: str, lease_seconds: float, fingerprint: str | None = None
@@ -273,7 +276,7 @@ class InMemoryDedupStore:
     def _evict(self) -> None:
         done = self._done
         while len(done) > self._max_entries:
-            del done[next(iter(done))]
+            done.popitem(last=False)
             self.evictions += 1
 
     async def release(self, lease: Lease) -> bool:

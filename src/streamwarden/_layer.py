@@ -104,6 +104,11 @@ class ProcessResult(NamedTuple):
 
 
 _NO_HEADERS: Mapping[str, str] = {}
+# Enum members bound once: reading ``Outcome.PROCESSED`` costs ~70 ns on Python 3.11, four times per message.
+_PROCESSED = Outcome.PROCESSED
+_DEAD_LETTERED = Outcome.DEAD_LETTERED
+_FAILED = Outcome.FAILED
+_NEW = ClaimStatus.NEW
 _tuple_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 
 _current_lease: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
@@ -350,9 +355,9 @@ class ReliabilityLayer:
                 if deferred is not None:
                     return deferred
             else:
-                if claim.status is not ClaimStatus.NEW:
+                if claim.status is not _NEW:
                     return self._not_new(mid, claim.status, dt, span)
-                dt.dedup[ClaimStatus.NEW].value += 1
+                dt.dedup[_NEW].value += 1
                 lease = claim.lease
                 if claim.takeover:
                     self._took_over(mid, dt, span)
@@ -380,13 +385,15 @@ class ReliabilityLayer:
                         # run_with_timeout written out: saves a coroutine per message on the hot path
                         dog = watchdog()
                         task = dog.arm_current(timeout)
-                    if task is None or dog is None:
+                    if timeout is None:
+                        value = await awaitable
+                    elif task is None or dog is None:  # not inside a task: the slow, general path
                         value = await run_with_timeout(awaitable, timeout)
                     else:
                         try:
                             value = await awaitable
                         except BaseException as error:
-                            dog.settle_error(task, timeout, error)  # type: ignore[arg-type]
+                            dog.settle_error(task, timeout, error)
                             raise
                         dog.settle_ok(task)
                 except Exception as first_error:
@@ -403,7 +410,7 @@ class ReliabilityLayer:
                         first_error,
                         started_attempts,
                     )
-                    if result.outcome is Outcome.DEAD_LETTERED or result.outcome is Outcome.FAILED:
+                    if result.outcome is _DEAD_LETTERED or result.outcome is _FAILED:
                         failure_type = self._mark_failed(span, result.error)
                     return result
                 except BaseException:
@@ -420,9 +427,9 @@ class ReliabilityLayer:
                     else:
                         await self._complete(lease, fingerprint, dt)
                 # _finish(PROCESSED) written out: the common case, on the hot path
-                dt.outcomes[Outcome.PROCESSED].value += 1
+                dt.outcomes[_PROCESSED].value += 1
                 self._seed_counts[n.COUNTER_PROCESSED] += 1
-                return _tuple_new(ProcessResult, (Outcome.PROCESSED, mid, value, None, 1, None))
+                return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, 1, None))
             except BaseException:
                 if lease is not None:
                     await self._release(lease)

@@ -306,13 +306,14 @@ class Telemetry:
         links: list[Link] | None = None
         if headers and "traceparent" in headers:
             links = _links_from(headers)
-        span = self.tracer.start_span(
-            dt.span_name, kind=SpanKind.CONSUMER, attributes=dt.span_attrs, links=links
+        attributes = {
+            **dt.span_attrs,
+            n.ATTR_MESSAGING_MESSAGE_ID: message_id,
+            n.ATTR_DELIVERY_ATTEMPT: delivery,
+        }
+        return self.tracer.start_span(
+            dt.span_name, kind=SpanKind.CONSUMER, attributes=attributes, links=links
         )
-        if span.is_recording():
-            span.set_attribute(n.ATTR_MESSAGING_MESSAGE_ID, message_id)
-            span.set_attribute(n.ATTR_DELIVERY_ATTEMPT, delivery)
-        return span
 
     # --- rare events ----------------------------------------------------------------------------
     def on_retry(self, dt: DestinationTelemetry, attempt: int, delay: float, error_type: str) -> None:
