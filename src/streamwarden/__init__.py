@@ -46,6 +46,7 @@ from ._layer import ReliabilityLayer as ReliabilityLayer
 from ._layer import current_lease as current_lease
 from ._metrics import CounterStore as CounterStore
 from ._metrics import MetricsCollector as MetricsCollector
+from ._redis_dedup import RedisDedupStore as RedisDedupStore
 from ._retry import Retrier as Retrier
 from ._retry import RetryDetails as RetryDetails
 from ._retry import RetryPolicy as RetryPolicy
@@ -95,6 +96,7 @@ __all__ = [
     "Outcome",
     "PoisonMessageError",
     "ProcessResult",
+    "RedisDedupStore",
     "RedisStreamConsumer",
     "ReliabilityLayer",
     "ReliabilitySettings",

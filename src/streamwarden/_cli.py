@@ -7,6 +7,7 @@ none when output is not a TTY, or when ``NO_COLOR`` is set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -255,6 +256,12 @@ def load_handler(spec: str) -> Any:
 @click.option("--health-port", type=int, default=None, help="Serve /healthz and /readyz on 127.0.0.1:PORT.")
 @click.option("--prometheus-port", type=int, default=None, help="Serve /metrics on 127.0.0.1:PORT.")
 @click.option("--otlp-endpoint", default=None, help="Export traces and metrics over OTLP (gRPC).")
+@click.option(
+    "--flush-every",
+    default=5.0,
+    show_default=True,
+    help="Seconds between flushes of the seed counters to the Redis hash (0: only at exit).",
+)
 def consume(
     redis_url: str,
     stream: str,
@@ -271,6 +278,7 @@ def consume(
     health_port: int | None,
     prometheus_port: int | None,
     otlp_endpoint: str | None,
+    flush_every: float,
 ) -> None:
     """Run a handler on a Redis Streams consumer group through the reliability layer.
 
@@ -308,12 +316,18 @@ def consume(
                 shutdown_timeout=shutdown_timeout,
             ),
             health_port,
+            flush_every,
         )
     )
 
 
 async def _consume(
-    redis_url: str, settings: Any, handler: Any, options: dict[str, Any], health_port: int | None
+    redis_url: str,
+    settings: Any,
+    handler: Any,
+    options: dict[str, Any],
+    health_port: int | None,
+    flush_every: float = 0.0,
 ) -> None:
     import redis.asyncio
 
@@ -323,6 +337,8 @@ async def _consume(
     client = redis.asyncio.Redis.from_url(redis_url)
     try:
         layer = ReliabilityLayer(client, settings)
+        for warning in await layer.verify_stores():
+            _console(stderr=True).print(f"[yellow]warning:[/yellow] {warning}")
         runner = RedisStreamConsumer(client, handler=handler, layer=layer, **options)
         health: HealthServer | None = None
         if health_port is not None:
@@ -332,12 +348,23 @@ async def _consume(
         console.print(
             f"consuming [bold]{options['stream']}[/bold] as {options['consumer']} in group {options['group']}"
         )
+        # Counters live in process memory until flushed: without a periodic flush the fleet-wide hash
+        # (`streamwarden metrics`) would see a consumer's counts only after it exits.
+        flushing_done = asyncio.Event()
+        flusher = (
+            asyncio.create_task(_flush_periodically(layer.metrics_collector, flush_every, flushing_done))
+            if flush_every > 0
+            else None
+        )
         try:
             await runner.run_until_signal()
         finally:
+            flushing_done.set()
+            if flusher is not None:
+                await flusher
             if health is not None:
                 await health.close()
-            await layer.metrics_collector.flush()
+            await layer.aclose()
         stats = runner.stats
         console.print(
             f"stopped: read {stats.read}, reclaimed {stats.reclaimed}, acked {stats.acked}, "
@@ -345,3 +372,20 @@ async def _consume(
         )
     finally:
         await client.aclose()
+
+
+async def _flush_periodically(collector: Any, interval: float, done: asyncio.Event) -> None:
+    """Flush ``collector`` every ``interval`` seconds until ``done`` is set.
+
+    A flush in progress is never cancelled: a cancelled ``MULTI``/``EXEC`` may have been applied
+    without the collector knowing, and the final flush would then count those deltas twice.
+    """
+    while not done.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=interval)
+        if done.is_set():
+            return
+        try:
+            await collector.flush()
+        except Exception as exc:  # Redis unreachable: the deltas are kept for the next flush
+            _console(stderr=True).print(f"metrics flush failed, retrying in {interval:g}s: {exc!r}")

@@ -335,6 +335,7 @@ class DeduplicationManager:
         key_prefix: str = "streamwarden",
         policy: DedupPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        store_options: dict[str, Any] | None = None,
     ) -> None:
         self.policy = policy or DedupPolicy(ttl=float(ttl), lease=float(lease))
         self.ttl = self.policy.ttl
@@ -343,7 +344,7 @@ class DeduplicationManager:
             if redis_client is not None:
                 from ._stores import redis_dedup_store
 
-                store = redis_dedup_store(redis_client, key_prefix=key_prefix)
+                store = redis_dedup_store(redis_client, key_prefix=key_prefix, **(store_options or {}))
             else:
                 store = InMemoryDedupStore(clock=clock)
         self.store: DedupStore = store
@@ -373,3 +374,9 @@ class DeduplicationManager:
     async def release(self, lease: Lease) -> bool:
         """Release a claim (owner-checked) so the id can be processed again."""
         return await self.store.release(lease)
+
+    async def aclose(self) -> None:
+        """Flush what the store buffers (deferred completions); the Redis client stays open."""
+        close = getattr(self.store, "aclose", None)
+        if close is not None:
+            await close()

@@ -533,7 +533,7 @@ async def run_redis_demo(
             report.redeliveries += r.stats.reclaimed
         report.executed = sum(broker.executed.values())
         for layer in layers:
-            await layer.metrics_collector.flush()
+            await layer.aclose()
         report.metrics = await layers[0].metrics_collector.get_reliability_metrics()
         report.retries = int(report.metrics.get("retry_attempts", 0))
         entries = await layers[0].error_handler.dead_letters.list(stream, limit=report.produced + 1)

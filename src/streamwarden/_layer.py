@@ -185,6 +185,11 @@ class ReliabilityLayer:
             store=dedup_store,
             key_prefix=settings.key_prefix,
             clock=clock,
+            store_options={
+                "defer_completions": settings.dedup_defer_completions,
+                "flush_interval": settings.dedup_flush_interval,
+                "local_cache_size": settings.dedup_local_cache_size,
+            },
         )
         self.error_handler = ErrorHandler(
             settings, dead_letters=dead_letter_store, classifier=classifier, telemetry=self.telemetry
@@ -248,6 +253,32 @@ class ReliabilityLayer:
         if remaining is None:
             return timeout
         return remaining if timeout is None else min(timeout, remaining)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    async def verify_stores(self) -> list[str]:
+        """Start-up checks of the external stores; returns warnings (also logged).
+
+        With ``dedup_refuse_evicting_redis`` a Redis whose ``maxmemory-policy`` can evict dedup records
+        raises :class:`~streamwarden.ConfigurationError` instead.
+        """
+        warnings: list[str] = []
+        check = getattr(self._dedup_store, "check_eviction_policy", None)
+        if check is not None:
+            problem = await check(refuse=self.settings.dedup_refuse_evicting_redis)
+            if problem:
+                warnings.append(problem)
+        return warnings
+
+    async def aclose(self) -> None:
+        """Flush buffered state: deferred dedup completions and counters (the Redis client stays open)."""
+        await self.deduplication_manager.aclose()
+        await self.metrics_collector.flush()
+
+    async def __aenter__(self) -> ReliabilityLayer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # --- seed API ---------------------------------------------------------------------------------
     async def process_message_reliably(self, message: Any, processor_func: Processor) -> Any:

@@ -67,6 +67,18 @@ class ReliabilitySettings(BaseSettings):
     dedup_failure_mode: DedupFailureMode = Field(
         "fail_closed", description="When the dedup store fails: defer the message, or process it."
     )
+    dedup_defer_completions: bool = Field(
+        False,
+        description=(
+            "Redis store: send completion marks with the next claim or within dedup_flush_interval "
+            "(about one round trip per message; a crash leaves those ids leased until the lease expires)."
+        ),
+    )
+    dedup_flush_interval: float = Field(0.005, gt=0, le=10, description="Deferred completion flush, s.")
+    dedup_local_cache_size: int = Field(10_000, ge=0, description="Recently completed ids cached locally.")
+    dedup_refuse_evicting_redis: bool = Field(
+        False, description="Refuse to start when Redis' maxmemory-policy can evict dedup records."
+    )
     detect_payload_conflicts: bool = Field(
         False, description="Fingerprint payloads; flag a known id arriving with a different payload."
     )
