@@ -46,7 +46,18 @@ from ._layer import ReliabilityLayer as ReliabilityLayer
 from ._layer import current_lease as current_lease
 from ._metrics import CounterStore as CounterStore
 from ._metrics import MetricsCollector as MetricsCollector
+from ._redis_counters import CounterFlusher as CounterFlusher
+from ._redis_counters import RedisCounterStore as RedisCounterStore
+from ._redis_counters import run_periodic_flush as run_periodic_flush
 from ._redis_dedup import RedisDedupStore as RedisDedupStore
+from ._redis_dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
+from ._redis_dlq import OmittedPayload as OmittedPayload
+from ._redis_dlq import Redactor as Redactor
+from ._redis_dlq import RedisDeadLetterStore as RedisDeadLetterStore
+from ._replay import DeadLetterReplayer as DeadLetterReplayer
+from ._replay import ReplayItem as ReplayItem
+from ._replay import ReplayReport as ReplayReport
+from ._replay import ReplayResult as ReplayResult
 from ._retry import Retrier as Retrier
 from ._retry import RetryDetails as RetryDetails
 from ._retry import RetryPolicy as RetryPolicy
@@ -55,9 +66,13 @@ from ._runner import Health as Health
 from ._runner import RedisStreamConsumer as RedisStreamConsumer
 from ._runner import StreamProducer as StreamProducer
 from ._settings import ReliabilitySettings as ReliabilitySettings
+from ._shared_breaker import SharedBreakerState as SharedBreakerState
+from ._shared_breaker import SharedBreakerSync as SharedBreakerSync
+from ._shared_breaker import read_shared_breakers as read_shared_breakers
 from ._telemetry import configure_telemetry as configure_telemetry
 
 __all__ = [
+    "DEFAULT_REDACT_PATTERNS",
     "BreakerPolicy",
     "BreakerRegistry",
     "BreakerRejection",
@@ -69,11 +84,13 @@ __all__ = [
     "ClaimStatus",
     "ConfigurationError",
     "ConsumerStats",
+    "CounterFlusher",
     "CounterStore",
     "DeadLetterEntry",
     "DeadLetterError",
     "DeadLetterQueueFullError",
     "DeadLetterReason",
+    "DeadLetterReplayer",
     "DeadLetterStore",
     "DedupPolicy",
     "DedupStore",
@@ -93,18 +110,29 @@ __all__ = [
     "MessageInProgressError",
     "MetricsCollector",
     "MissingMessageIdError",
+    "OmittedPayload",
     "Outcome",
     "PoisonMessageError",
     "ProcessResult",
+    "Redactor",
+    "RedisCounterStore",
+    "RedisDeadLetterStore",
     "RedisDedupStore",
     "RedisStreamConsumer",
     "ReliabilityLayer",
     "ReliabilitySettings",
+    "ReplayItem",
+    "ReplayReport",
+    "ReplayResult",
     "Retrier",
     "RetryDetails",
     "RetryPolicy",
+    "SharedBreakerState",
+    "SharedBreakerSync",
     "StreamProducer",
     "StreamwardenError",
     "configure_telemetry",
     "current_lease",
+    "read_shared_breakers",
+    "run_periodic_flush",
 ]

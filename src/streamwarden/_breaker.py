@@ -216,6 +216,19 @@ class CircuitBreaker:
             except Exception:
                 log.exception("circuit breaker transition listener failed")
 
+    def force_open(self, retry_after: float | None = None) -> None:
+        """Open the breaker now (e.g. state adopted from another process); a trial is admitted after
+        ``retry_after`` seconds (``policy.reset_timeout`` when ``None``)."""
+        if self._state != BreakerState.OPEN:
+            self._cb.open()  # our listener records the transition and sets _opened_at
+        wait = self.policy.reset_timeout if retry_after is None else max(0.0, retry_after)
+        self._opened_at = self._clock() + wait - self.policy.reset_timeout
+
+    def force_close(self) -> None:
+        """Close the breaker now (resets the failure count), e.g. state adopted from another process."""
+        if self._state != BreakerState.CLOSED:
+            self._cb.close()
+
     # --- admission and outcome ----------------------------------------------------------------
     def admit(self) -> Admission:
         """Admit one call or raise :class:`CircuitOpenError`."""

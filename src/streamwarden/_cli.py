@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._cli_ops import register as _register_ops
 from ._demo import ControlServer, DemoConfig, DemoReport, install_stop_signals, run_demo
 
 __all__ = ["main"]
@@ -31,6 +32,9 @@ def _console(stderr: bool = False) -> Console:
 @click.version_option(package_name="streamwarden")
 def main() -> None:
     """streamwarden: reliable, observable event-stream consumers."""
+
+
+_register_ops(main)  # dlq list|show|count|replay|purge, metrics, breakers
 
 
 @main.command()

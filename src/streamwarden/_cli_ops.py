@@ -405,7 +405,12 @@ def load_handler(spec: str) -> Callable[[Any], Awaitable[Any]]:
 @dlq.command("replay")
 @_redis_options
 @_filter_options
-@click.option("--handler", required=True, help="Processor to run, as module:function (an async def).")
+@click.option(
+    "--handler",
+    envvar="STREAMWARDEN_REPLAY_HANDLER",
+    required=True,
+    help="Processor to run, as module:function (an async def); env STREAMWARDEN_REPLAY_HANDLER.",
+)
 @click.option("--entry-id", "entry_ids", multiple=True, help="Replay only these entries (repeatable).")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many entries.")
 @click.option("--dry-run", is_flag=True, help="List what would be replayed; run nothing.")
@@ -417,7 +422,12 @@ def load_handler(spec: str) -> Callable[[Any], Awaitable[Any]]:
     type=click.FloatRange(min=0),
     help="Replays per second (0: unlimited).",
 )
-@click.option("--pass-envelope", is_flag=True, help="Hand the handler the Envelope, not the payload.")
+@click.option(
+    "--pass-envelope/--pass-payload",
+    default=None,
+    help="Hand the handler the Envelope, or the payload. Default: the Envelope for entries that came "
+    "from a stream runner (they have a source ref), the payload otherwise.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def dlq_replay(**kwargs: Any) -> None:
     """Re-run dead letters through the reliability layer (dedup-aware, rate-limited).

@@ -178,7 +178,16 @@ class ReliabilityLayer:
         if dead_letter_store is None and redis_client is not None:
             from ._stores import redis_dead_letter_store
 
-            dead_letter_store = redis_dead_letter_store(redis_client, key_prefix=settings.key_prefix)
+            options: dict[str, Any] = {
+                "max_payload_bytes": settings.dlq_max_payload_bytes,
+                "max_entries_per_destination": settings.dlq_max_entries_per_destination,
+                "max_traceback_chars": settings.dlq_max_traceback_chars,
+            }
+            if settings.dlq_redact_patterns is not None:
+                options["redact_patterns"] = settings.dlq_redact_patterns
+            dead_letter_store = redis_dead_letter_store(
+                redis_client, key_prefix=settings.key_prefix, **options
+            )
         self.deduplication_manager = DeduplicationManager(
             redis_client,
             policy=settings.dedup_policy(),

@@ -33,6 +33,10 @@ EVENT_BREAKER_STATE_CHANGE: Final = "streamwarden.circuit_breaker.state_change"
 EVENT_BREAKER_REJECTED: Final = "streamwarden.circuit_breaker.rejected"
 EVENT_DEAD_LETTERED: Final = "streamwarden.dlq.dead_lettered"
 
+# --- message headers streamwarden writes ------------------------------------------------------------
+HEADER_REPLAY_OF: Final = "streamwarden-replay-of"
+HEADER_REPLAY_COUNT: Final = "streamwarden-replay-count"
+
 # --- OpenTelemetry semantic-convention attributes (messaging, error) ---------------------------
 ATTR_MESSAGING_SYSTEM: Final = "messaging.system"
 ATTR_MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"

@@ -24,9 +24,10 @@ Rules, per entry:
   (:class:`~streamwarden.OmittedPayload`) are reported ``failed`` and kept.
 * an open circuit breaker (``Outcome.DEFERRED``) stops the run: the rest would be deferred too.
 
-The processor receives the original message, as the consumer did: the entry's payload (for the seed's
-dict messages, the whole message). ``pass_envelope=True`` hands it the :class:`~streamwarden.Envelope`
-instead, for handlers written for stream runners. Replays are paced by a token bucket
+The processor receives what the consumer received. By default (``pass_envelope=None``) that is the
+:class:`~streamwarden.Envelope` when the entry has a ``source_ref`` (it came from a stream runner, whose
+handlers take envelopes) and the entry's payload otherwise (for the seed's dict messages, the whole
+message); ``True`` / ``False`` force one or the other. Replays are paced by a token bucket
 (``rate_per_second``, on the injected ``clock`` and ``sleep``) and counted as
 ``streamwarden.dlq.replays{streamwarden.dlq.replay.result}``.
 """
@@ -52,14 +53,21 @@ from ._redis_dlq import OmittedPayload
 if TYPE_CHECKING:
     from ._layer import ProcessResult, ReliabilityLayer
 
-__all__ = ["DeadLetterReplayer", "ReplayItem", "ReplayReport", "ReplayResult"]
+__all__ = [
+    "DeadLetterReplayer",
+    "ReplayItem",
+    "ReplayProgress",
+    "ReplayReport",
+    "ReplayResult",
+    "TokenBucket",
+]
 
 log = logging.getLogger("streamwarden.dlq")
 
 #: Header naming the entry a replayed message came from (replaced on every replay).
-HEADER_REPLAY_OF = "streamwarden-replay-of"  # TODO(lead): move to _names
+HEADER_REPLAY_OF = n.HEADER_REPLAY_OF
 #: Header counting how many times the message was replayed (replaced on every replay).
-HEADER_REPLAY_COUNT = "streamwarden-replay-count"  # TODO(lead): move to _names
+HEADER_REPLAY_COUNT = n.HEADER_REPLAY_COUNT
 _REPLAY_HEADER_PREFIX = "streamwarden-replay-"
 
 #: Upper bound on the entries selected by one run when no ``limit`` is given.
@@ -258,7 +266,7 @@ class DeadLetterReplayer:
         limit: int | None = None,
         dry_run: bool = False,
         force: bool = False,
-        pass_envelope: bool = False,
+        pass_envelope: bool | None = None,
         progress: ReplayProgress | None = None,
     ) -> ReplayReport:
         """Replay the selected entries through the layer; returns what happened to each."""
@@ -317,7 +325,7 @@ class DeadLetterReplayer:
         entry: DeadLetterEntry,
         processor: Callable[[Any], Awaitable[Any]],
         force: bool,
-        pass_envelope: bool,
+        pass_envelope: bool | None,
     ) -> ReplayItem:
         telemetry = self.layer.telemetry
         destination = entry.destination
@@ -362,7 +370,7 @@ class DeadLetterReplayer:
         entry: DeadLetterEntry,
         processor: Callable[[Any], Awaitable[Any]],
         force: bool,
-        pass_envelope: bool,
+        pass_envelope: bool | None,
     ) -> ReplayItem:
         reason = self._unreplayable(entry)
         if reason is not None:
@@ -381,6 +389,8 @@ class DeadLetterReplayer:
             source_ref=entry.source_ref,
             delivery_count=entry.delivery_count,
         )
+        if pass_envelope is None:
+            pass_envelope = entry.source_ref is not None
         if pass_envelope:
             call: Callable[[Any], Awaitable[Any]] = processor
         else:

@@ -45,7 +45,8 @@ from opentelemetry import propagate
 from . import _names as n
 from ._dedup import ClaimResult
 from ._envelope import Envelope
-from ._layer import ProcessResult, ReliabilityLayer
+from ._exceptions import CircuitOpenError, DeduplicationUnavailableError
+from ._layer import Outcome, ProcessResult, ReliabilityLayer
 
 __all__ = ["ConsumerStats", "Health", "HealthServer", "RedisStreamConsumer", "StreamProducer", "decode_entry"]
 
@@ -58,6 +59,9 @@ FIELD_PAYLOAD = "payload"
 FIELD_KEY = "key"
 FIELD_TRACEPARENT = "traceparent"
 FIELD_TRACESTATE = "tracestate"
+
+# Seconds a shutdown waits, after shutdown_timeout, for cancelled messages to release their claims.
+_RELEASE_GRACE_S = 2.0
 
 
 def _text(value: Any) -> str:
@@ -247,6 +251,7 @@ class RedisStreamConsumer:
         """Consume until :meth:`stop`; returns after in-flight work finished or was abandoned."""
         self._running = True
         backoff = 0.05
+        helpers = await self._start_helpers()
         try:
             while not self._stop.is_set():
                 try:
@@ -268,7 +273,37 @@ class RedisStreamConsumer:
                     backoff = min(self.max_backoff_s, backoff * 2)
         finally:
             await self._drain()
+            await self._stop_helpers(helpers)
             self._running = False
+
+    async def _start_helpers(self) -> list[Any]:
+        """Background companions, per the layer's settings: shared breaker state, fleet counter flushes."""
+        from ._redis_counters import CounterFlusher
+        from ._shared_breaker import SharedBreakerSync
+
+        settings = self.layer.settings
+        helpers: list[Any] = []
+        if settings.shared_breaker:
+            sync = SharedBreakerSync(
+                self.client,
+                self.layer.breakers,
+                key_prefix=settings.key_prefix,
+                poll_interval=settings.shared_breaker_poll_interval,
+            )
+            await sync.start()
+            helpers.append(sync)
+        if self.layer.metrics_collector.store is not None:
+            flusher = CounterFlusher(self.layer.metrics_collector, interval=settings.metrics_flush_interval)
+            flusher.start()
+            helpers.append(flusher)
+        return helpers
+
+    async def _stop_helpers(self, helpers: list[Any]) -> None:
+        for helper in reversed(helpers):
+            try:
+                await helper.stop()
+            except Exception as exc:
+                log.warning("stopping %s failed: %r", type(helper).__name__, exc)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing."""
@@ -300,8 +335,10 @@ class RedisStreamConsumer:
                 return
         await self._wait_for_capacity()
         count = min(self.batch_size, self.concurrency - len(self._inflight)) or 1
-        response = await self.client.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=count, block=self.block_ms
+        response = await self._unless_stopped(
+            self.client.xreadgroup(
+                self.group, self.consumer, {self.stream: ">"}, count=count, block=self.block_ms
+            )
         )
         entries = [(eid, fields) for _stream, batch in (response or []) for eid, fields in batch]
         if entries:
@@ -345,18 +382,21 @@ class RedisStreamConsumer:
         await self.client.xack(self.stream, self.group, *ids)
 
     async def _delivery_counts(self, entry_ids: Sequence[Any]) -> dict[str, int]:
+        """The delivery count of each just-claimed entry: one ``XPENDING`` per id, pipelined.
+
+        Not one range query from the smallest id to the largest: other pending entries between them
+        (another consumer's in-flight work, deferred messages) would fill its ``COUNT`` and push the
+        later ids out of the reply, and those would be processed as first deliveries, never as poison.
+        """
         if not entry_ids:
             return {}
-        texts = [_text(e) for e in entry_ids]
-        rows = await self.client.xpending_range(
-            self.stream, self.group, min=min(texts, key=_stream_order), max=max(texts, key=_stream_order),
-            count=max(len(texts), self.batch_size) * 4,
-        )  # fmt: skip
-        wanted = set(texts)
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
         return {
-            _text(r["message_id"]): int(r["times_delivered"])
-            for r in rows
-            if _text(r["message_id"]) in wanted
+            _text(row["message_id"]): int(row["times_delivered"])
+            for rows in await pipe.execute()
+            for row in rows
         }
 
     async def _dispatch(
@@ -405,6 +445,8 @@ class RedisStreamConsumer:
         self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
         if not result.should_ack:
             self.stats.not_acked += 1
+            if _not_attempted(result):
+                await self._give_back_delivery(env)
             return
         try:
             await self.client.xack(self.stream, self.group, env.source_ref)
@@ -415,6 +457,47 @@ class RedisStreamConsumer:
             )
             return
         self.stats.acked += 1
+
+    async def _give_back_delivery(self, env: Envelope) -> None:
+        """Undo the delivery count of an entry whose handler never ran (``XCLAIM … RETRYCOUNT JUSTID``).
+
+        Poison detection reads the count as "attempts that failed". An entry answered ``IN_PROGRESS``
+        (another owner's live lease), or deferred because the breaker rejected it or the dedup store
+        was unreachable, was not attempted: counted, a long outage or a slow owner would turn healthy
+        messages into poison without a single try. The entry stays pending (its idle time restarts).
+        """
+        try:
+            await self.client.xclaim(
+                self.stream, self.group, self.consumer, 0, [env.source_ref],
+                retrycount=max(env.delivery_count - 1, 0), justid=True,
+            )  # fmt: skip
+        except Exception as exc:  # only the poison count is off by one; the entry is still pending
+            log.debug("could not restore the delivery count of %s: %r", env.source_ref, exc)
+
+    async def _unless_stopped(self, read: Awaitable[Any]) -> Any:
+        """The result of ``read``, or ``None`` if :meth:`stop` comes first (``read`` is then cancelled).
+
+        A stop must not wait for a blocking read, above all when Redis does not answer (frozen, or
+        partitioned away) and the read would last the socket timeout. Entries that Redis delivered to a
+        cancelled read are in this consumer's pending list, unprocessed and unacknowledged: another
+        consumer takes them over after ``claim_idle_ms``.
+        """
+        task = asyncio.ensure_future(read)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # a read that failed as it was cancelled no longer matters
+        return None
 
     async def _wait_for_capacity(self) -> None:
         if len(self._inflight) < self.concurrency:
@@ -433,11 +516,22 @@ class RedisStreamConsumer:
             task.cancel()
         if pending:
             log.warning("shutdown: abandoned %d in-flight messages (not acknowledged)", len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+            # Cancelled messages release their claims: one round trip, unless Redis does not answer.
+            # Then their leases simply expire and the redeliveries are counted takeovers.
+            _released, stuck = await asyncio.wait(pending, timeout=_RELEASE_GRACE_S)
+            if stuck:
+                log.warning("shutdown: %d claims not released in time; their leases will expire", len(stuck))
 
     # --- metrics and health -------------------------------------------------------------------
     async def refresh_lag(self) -> None:
-        """Read the group's lag (Redis ≥ 7) and pending count for the gauges and health."""
+        """Read the group's lag (Redis ≥ 7) and pending count for the gauges and health; refresh the
+        dead-letter depth cache so the gauge counts other processes' writes too."""
+        refresh_depths = getattr(self.layer.error_handler.dead_letters, "refresh_depths", None)
+        if refresh_depths is not None:
+            try:
+                await refresh_depths()
+            except Exception as exc:
+                log.debug("refreshing DLQ depths failed: %r", exc)
         try:
             groups = await self.client.xinfo_groups(self.stream)
         except Exception as exc:
@@ -490,9 +584,17 @@ class RedisStreamConsumer:
         )
 
 
-def _stream_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+def _not_attempted(result: ProcessResult) -> bool:
+    """Whether an unacknowledged result left the handler unrun (see ``_give_back_delivery``)."""
+    if result.outcome is Outcome.IN_PROGRESS:
+        return True
+    if result.outcome is not Outcome.DEFERRED:
+        return False
+    if isinstance(result.error, DeduplicationUnavailableError):
+        return True
+    # rejected at the first admission: the layer reports attempts=1 with no attempt made; a later
+    # rejection (attempts >= 2) came after real, failed attempts, which do count
+    return isinstance(result.error, CircuitOpenError) and result.attempts <= 1
 
 
 def _is_redis_error(exc: BaseException) -> bool:

@@ -102,6 +102,25 @@ class ReliabilitySettings(BaseSettings):
     dlq_max_entries: int = Field(100_000, ge=1, description="Capacity of the embedded DLQ.")
     dlq_max_traceback_chars: int = Field(8192, ge=0, description="Traceback kept per entry.")
 
+    dlq_max_payload_bytes: int = Field(
+        1_048_576,
+        ge=0,
+        description="Redis DLQ: larger payloads are stored as metadata only (reason oversize).",
+    )
+    dlq_max_entries_per_destination: int | None = Field(
+        None, ge=1, description="Redis DLQ: a full queue fails the write (nothing is trimmed)."
+    )
+    dlq_redact_patterns: tuple[str, ...] | None = Field(
+        None, description="Regexes redacted from error messages, tracebacks and headers (None: defaults)."
+    )
+
+    # --- shared breaker ---------------------------------------------------------------------------
+    shared_breaker: bool = Field(False, description="Share breaker state through Redis (stream runner).")
+    shared_breaker_poll_interval: float = Field(0.5, gt=0, description="Shared breaker poll interval, s.")
+    metrics_flush_interval: float = Field(
+        5.0, gt=0, description="Seconds between flushes of the fleet counters to Redis (stream runner)."
+    )
+
     # --- naming ---------------------------------------------------------------------------------
     key_prefix: str = Field("streamwarden", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     service_name: str = Field("streamwarden", min_length=1, max_length=128)

@@ -17,7 +17,8 @@ per poll interval, plus one per local transition. The price is propagation delay
 adopts an open breaker at most ``poll_interval`` (plus a round trip) after it opened, and keeps
 admitting calls (which its own breaker may count) meanwhile. See ``docs/shared-breaker.md``.
 
-Conflicts resolve by arrival order at Redis (the highest version wins). Adopted transitions are real
+Conflicts resolve by arrival order at Redis (the highest version wins); a hash lost with a Redis
+restart starts again at version 1 and is adopted as news. Adopted transitions are real
 local transitions: they emit the usual telemetry, and each process counts its own opens.
 """
 
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -107,29 +109,16 @@ async def read_shared_breakers(client: Any, *, key_prefix: str = "streamwarden")
 
 
 # --- forcing a local breaker -------------------------------------------------------------------------
-# TODO(lead): add CircuitBreaker.force_open / force_close (code in the report); these shims use them
-# when present and otherwise reach into the breaker's pybreaker state machine.
 
 
 def force_open(breaker: CircuitBreaker, retry_after: float) -> None:
     """Open ``breaker`` now so that it admits a trial after ``retry_after`` seconds."""
-    method = getattr(breaker, "force_open", None)
-    if callable(method):
-        method(retry_after)
-        return
-    if breaker.state != BreakerState.OPEN:
-        breaker._cb.open()  # pybreaker notifies our listener: state, generation, _opened_at
-    breaker._opened_at = breaker._clock() + max(0.0, retry_after) - breaker.policy.reset_timeout
+    breaker.force_open(retry_after)
 
 
 def force_close(breaker: CircuitBreaker) -> None:
     """Close ``breaker`` now (resets its failure count)."""
-    method = getattr(breaker, "force_close", None)
-    if callable(method):
-        method()
-        return
-    if breaker.state != BreakerState.CLOSED:
-        breaker._cb.close()
+    breaker.force_close()
 
 
 class SharedBreakerSync:
@@ -156,12 +145,11 @@ class SharedBreakerSync:
         self.client = client
         self.key_prefix = key_prefix
         self.poll_interval = poll_interval
-        self.instance_id = instance_id or f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._wall = wall_clock
         self._breakers: dict[str, CircuitBreaker] = {}
         self._seen: dict[str, int] = {}
         self._pending: dict[str, tuple[str, float, float]] = {}  # name -> (state, opened_until, at)
-        self._indexed: set[str] = set()
         self._adopting: str | None = None
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -212,9 +200,8 @@ class SharedBreakerSync:
                             "updated_at": repr(at),
                         },
                     )
-                new_names = [n for n in pending if n not in self._indexed]
-                if new_names:
-                    pipe.sadd(breaker_index_key(self.key_prefix), *new_names)
+                # every time, not once: the index must survive a Redis restart like the hashes do
+                pipe.sadd(breaker_index_key(self.key_prefix), *pending)
                 replies = await pipe.execute()
         except BaseException:
             # keep them for the next attempt unless a newer local transition replaced them meanwhile
@@ -223,7 +210,6 @@ class SharedBreakerSync:
             raise
         finally:
             self.round_trips += 1
-        self._indexed.update(pending)
         for i, name in enumerate(pending):
             self._seen[name] = max(self._seen.get(name, 0), int(replies[2 * i]))
         return len(pending)
@@ -243,8 +229,14 @@ class SharedBreakerSync:
         adopted: list[str] = []
         for name, raw in zip(names, replies, strict=True):
             remote = _parse(name, raw)
-            if remote is None or remote.version <= self._seen.get(name, 0):
+            if remote is None:
+                self._seen.pop(name, None)  # no state (yet, or lost with a Redis restart): start over
                 continue
+            seen = self._seen.get(name, 0)
+            if remote.version == seen:
+                continue
+            # A lower version than seen means the hash was lost (restart, failover, flush) and written
+            # anew: it is news too.
             self._seen[name] = remote.version
             if remote.origin == self.instance_id or name in self._pending:
                 continue  # ours, or a newer local transition is about to be published
@@ -274,6 +266,7 @@ class SharedBreakerSync:
         """Publish and poll until cancelled; Redis errors are logged and the loop goes on."""
         failing = False
         while True:
+            self._wakeup.clear()  # before the I/O: a transition noted during it wakes the next wait
             try:
                 await self.publish_pending()
                 await self.poll_once()
@@ -284,7 +277,6 @@ class SharedBreakerSync:
                 if not failing:
                     log.warning("shared breaker state unavailable, breakers act locally: %r", exc)
                 failing = True
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self.poll_interval)
 
