@@ -7,7 +7,6 @@ none when output is not a TTY, or when ``NO_COLOR`` is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -50,7 +49,13 @@ _register_ops(main)  # dlq list|show|count|replay|purge, metrics, breakers
 )
 @click.option("--prometheus-port", type=int, default=None, help="Serve /metrics on 127.0.0.1:PORT.")
 @click.option("--prometheus-host", default="127.0.0.1", show_default=True, help="Address for /metrics.")
-@click.option("--control-port", type=int, default=None, help="POST/DELETE /outage, GET /status on 127.0.0.1.")
+@click.option("--control-port", type=int, default=None, help="POST/DELETE /outage, GET /status.")
+@click.option(
+    "--control-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the control endpoint (0.0.0.0 in a container).",
+)
 @click.option("--otlp-endpoint", default=None, help="Export traces and metrics over OTLP (gRPC).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @click.option(
@@ -71,6 +76,7 @@ def demo(
     prometheus_port: int | None,
     prometheus_host: str,
     control_port: int | None,
+    control_host: str,
     otlp_endpoint: str | None,
     as_json: bool,
     redis_url: str | None,
@@ -107,7 +113,7 @@ def demo(
             raise click.BadParameter("--live runs on the embedded stores only", param_hint="--redis-url")
         report = asyncio.run(_run_redis(config, console, redis_url, consumers, quiet=as_json))
     else:
-        report = asyncio.run(_run(config, console, control_port, quiet=as_json))
+        report = asyncio.run(_run(config, console, control_port, quiet=as_json, control_host=control_host))
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:
@@ -116,12 +122,19 @@ def demo(
         sys.exit(1)
 
 
-async def _run(config: DemoConfig, console: Console, control_port: int | None, *, quiet: bool) -> DemoReport:
+async def _run(
+    config: DemoConfig,
+    console: Console,
+    control_port: int | None,
+    *,
+    quiet: bool,
+    control_host: str = "127.0.0.1",
+) -> DemoReport:
     stop = asyncio.Event()
     install_stop_signals(stop)
     control: ControlServer | None = None
     if control_port is not None:
-        control = ControlServer(control_port, asyncio.get_running_loop())
+        control = ControlServer(control_port, asyncio.get_running_loop(), host=control_host)
         control.start()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -262,9 +275,10 @@ def load_handler(spec: str) -> Any:
 @click.option("--otlp-endpoint", default=None, help="Export traces and metrics over OTLP (gRPC).")
 @click.option(
     "--flush-every",
-    default=5.0,
-    show_default=True,
-    help="Seconds between flushes of the seed counters to the Redis hash (0: only at exit).",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds between flushes of the counters to the Redis hash (default: "
+    "STREAMWARDEN_METRICS_FLUSH_INTERVAL, 5).",
 )
 def consume(
     redis_url: str,
@@ -282,7 +296,7 @@ def consume(
     health_port: int | None,
     prometheus_port: int | None,
     otlp_endpoint: str | None,
-    flush_every: float,
+    flush_every: float | None,
 ) -> None:
     """Run a handler on a Redis Streams consumer group through the reliability layer.
 
@@ -294,7 +308,12 @@ def consume(
     from ._settings import ReliabilitySettings
 
     handler = load_handler(handler_spec)
-    settings = ReliabilitySettings()
+    # the runner flushes the counters every metrics_flush_interval (and once more when it stops)
+    settings = (
+        ReliabilitySettings()
+        if flush_every is None
+        else ReliabilitySettings(metrics_flush_interval=flush_every)
+    )
     if prometheus_port is not None or otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from ._telemetry import configure_telemetry
 
@@ -320,7 +339,6 @@ def consume(
                 shutdown_timeout=shutdown_timeout,
             ),
             health_port,
-            flush_every,
         )
     )
 
@@ -331,7 +349,6 @@ async def _consume(
     handler: Any,
     options: dict[str, Any],
     health_port: int | None,
-    flush_every: float = 0.0,
 ) -> None:
     import redis.asyncio
 
@@ -352,20 +369,9 @@ async def _consume(
         console.print(
             f"consuming [bold]{options['stream']}[/bold] as {options['consumer']} in group {options['group']}"
         )
-        # Counters live in process memory until flushed: without a periodic flush the fleet-wide hash
-        # (`streamwarden metrics`) would see a consumer's counts only after it exits.
-        flushing_done = asyncio.Event()
-        flusher = (
-            asyncio.create_task(_flush_periodically(layer.metrics_collector, flush_every, flushing_done))
-            if flush_every > 0
-            else None
-        )
         try:
             await runner.run_until_signal()
         finally:
-            flushing_done.set()
-            if flusher is not None:
-                await flusher
             if health is not None:
                 await health.close()
             await layer.aclose()
@@ -376,20 +382,3 @@ async def _consume(
         )
     finally:
         await client.aclose()
-
-
-async def _flush_periodically(collector: Any, interval: float, done: asyncio.Event) -> None:
-    """Flush ``collector`` every ``interval`` seconds until ``done`` is set.
-
-    A flush in progress is never cancelled: a cancelled ``MULTI``/``EXEC`` may have been applied
-    without the collector knowing, and the final flush would then count those deltas twice.
-    """
-    while not done.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=interval)
-        if done.is_set():
-            return
-        try:
-            await collector.flush()
-        except Exception as exc:  # Redis unreachable: the deltas are kept for the next flush
-            _console(stderr=True).print(f"metrics flush failed, retrying in {interval:g}s: {exc!r}")

@@ -356,10 +356,11 @@ def _reconcile(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[s
 
 
 class ControlServer:
-    """``--control-port``: POST/DELETE /outage, GET /status, on 127.0.0.1 only."""
+    """``--control-port``: POST/DELETE /outage, GET /status (on 127.0.0.1 unless ``--control-host``)."""
 
-    def __init__(self, port: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, port: int, loop: asyncio.AbstractEventLoop, *, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self.loop = loop
         self.broker: BrokerAPI | None = None
         self.report: DemoReport | None = None
@@ -405,7 +406,7 @@ class ControlServer:
                 body["outage"] = bool(control.broker and control.broker.outage)
                 self._reply(200, body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         threading.Thread(
             target=self._server.serve_forever, name="streamwarden-demo-control", daemon=True
         ).start()

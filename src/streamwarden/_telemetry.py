@@ -171,8 +171,11 @@ class Telemetry:
         self.retry_attempts = meter.create_counter(
             n.METRIC_RETRY_ATTEMPTS, unit="{retry}", description="Retries scheduled after a failed attempt."
         )
-        self.breaker_status = meter.create_up_down_counter(
+        # Observed at collection from each breaker's current state, so a scrape never sees a state
+        # change half-applied (a -1 without its +1).
+        meter.create_observable_up_down_counter(
             n.METRIC_BREAKER_STATUS,
+            callbacks=[self._observe_breakers],
             unit="{state}",
             description="1 for the current state of each circuit breaker, 0 for the others.",
         )
@@ -280,6 +283,15 @@ class Telemetry:
                 log.exception("consumer gauge source failed")
         return rows
 
+    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        for breaker in list(self._breakers):
+            current = breaker.state
+            for state in BreakerState.ALL:
+                yield Observation(
+                    1 if state == current else 0,
+                    {**self._service_attrs, n.ATTR_BREAKER_NAME: breaker.name, n.ATTR_BREAKER_STATE: state},
+                )
+
     # --- spans ----------------------------------------------------------------------------------
     def tracing_enabled(self) -> bool:
         """Whether spans can be recorded: an SDK (or any real provider) is installed.
@@ -352,14 +364,8 @@ class Telemetry:
             return
         self._breakers.append(breaker)
         attrs = {**self._service_attrs, n.ATTR_BREAKER_NAME: breaker.name}
-        self.breaker_status.add(1, {**attrs, n.ATTR_BREAKER_STATE: breaker.state})
-        for state in BreakerState.ALL:
-            if state != breaker.state:
-                self.breaker_status.add(0, {**attrs, n.ATTR_BREAKER_STATE: state})
 
         def on_transition(event: BreakerTransition) -> None:
-            self.breaker_status.add(-1, {**attrs, n.ATTR_BREAKER_STATE: event.from_state})
-            self.breaker_status.add(1, {**attrs, n.ATTR_BREAKER_STATE: event.to_state})
             self.breaker_transitions.add(
                 1, {**attrs, n.ATTR_BREAKER_FROM: event.from_state, n.ATTR_BREAKER_TO: event.to_state}
             )

@@ -1,0 +1,509 @@
+"""Helpers of the ops test-suite: the shipped files, PromQL name extraction, real server processes.
+
+Nothing here fakes Prometheus or Alertmanager: the e2e fixtures run the real binaries (Debian's
+``prometheus`` and ``prometheus-alertmanager``) on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from streamwarden import _names
+
+REPO = Path(__file__).resolve().parents[2]
+ALERTS_DIR = REPO / "alerts"
+RULES_FILE = ALERTS_DIR / "streamwarden.rules.yml"
+RULE_TESTS_DIR = ALERTS_DIR / "tests"
+ALERTMANAGER_FILE = ALERTS_DIR / "alertmanager.yml"
+DASHBOARDS_DIR = REPO / "grafana" / "dashboards"
+PROVISIONING_DIR = REPO / "grafana" / "provisioning"
+RUNBOOKS_FILE = REPO / "docs" / "runbooks.md"
+OPERATIONS_FILE = REPO / "docs" / "operations.md"
+COLLECTOR_FILE = REPO / "otel" / "collector.yaml"
+COMPOSE_DIR = REPO / "compose"
+COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
+VENV_BIN = REPO / ".venv" / "bin"
+
+HOST = "127.0.0.1"
+
+_T = TypeVar("_T")
+
+# --- the signal contract --------------------------------------------------------------------------
+
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+# Metrics of the Redis Streams consumer runner. Dashboards and alerts use them, but the demo does not
+# run the runner, so the e2e test expects their queries to return no data (and says so if they do).
+RUNNER_ONLY_METRICS = frozenset(
+    {"streamwarden_consumer_lag", "streamwarden_consumer_pending", "streamwarden_consumer_lost_total"}
+)
+
+
+def emitted_metric_names() -> frozenset[str]:
+    """Every Prometheus series name the library emits, built from ``_names.PROMETHEUS_NAMES``."""
+    names: set[str] = set()
+    for otel_name, prom_name in _names.PROMETHEUS_NAMES.items():
+        if otel_name == _names.METRIC_PROCESS_DURATION:
+            names.update(prom_name + suffix for suffix in HISTOGRAM_SUFFIXES)
+        else:
+            names.add(prom_name)
+    return frozenset(names)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently; docker
+    compose, Prometheus and the Collector reject the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {duplicates}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=_StrictLoader)
+
+
+def load_json(path: Path) -> Any:
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+
+def rule_groups() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = load_yaml(RULES_FILE)["groups"]
+    return groups
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in rule_groups() for rule in group["rules"] if "alert" in rule]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [rule for group in rule_groups() for rule in group["rules"] if "record" in rule]
+
+
+def recording_rule_names() -> frozenset[str]:
+    return frozenset(rule["record"] for rule in recording_rules())
+
+
+# --- dashboards ----------------------------------------------------------------------------------
+
+
+def dashboard_files() -> list[Path]:
+    return sorted(DASHBOARDS_DIR.glob("*.json"))
+
+
+def iter_panels(panels: Sequence[Mapping[str, Any]]) -> Iterator[Mapping[str, Any]]:
+    """Every panel, including those nested in (collapsed) rows."""
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def data_panels(dashboard: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Panels that show data; rows are layout only."""
+    return [p for p in iter_panels(dashboard["panels"]) if p["type"] != "row"]
+
+
+def all_dashboard_panels() -> list[tuple[str, Mapping[str, Any]]]:
+    return [(path.name, p) for path in dashboard_files() for p in data_panels(load_json(path))]
+
+
+def variable_queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(name, query) of every query variable."""
+    out = []
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]
+            out.append((var["name"], query["query"] if isinstance(query, dict) else query))
+    return out
+
+
+_LABEL_VALUES = re.compile(
+    r"^\s*label_values\(\s*(?:(?P<selector>.*),\s*)?(?P<label>[A-Za-z_]\w*)\s*\)\s*$", re.S
+)
+
+
+def parse_label_values(query: str) -> tuple[str | None, str]:
+    """``label_values(selector, label)`` -> (selector or None, label)."""
+    match = _LABEL_VALUES.match(query)
+    if match is None:
+        raise ValueError(f"not a label_values() query: {query!r}")
+    return match["selector"], match["label"]
+
+
+# --- PromQL --------------------------------------------------------------------------------------
+
+_STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`")
+_GRAFANA_VAR = re.compile(r"\$\{?\w+\}?")
+_IDENT = re.compile(r"(?<![\w:.])[A-Za-z_:][\w:]*")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_KEYWORDS = frozenset(
+    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+    | {"atan2", "inf", "nan", "start", "end"}
+)
+_COUNTER_LIKE = re.compile(r"(?<![\w:])[A-Za-z_:][\w:]*(?:_total|_bucket|_count|_sum)(?![\w:])")
+
+
+def strip_strings(expr: str) -> str:
+    return _STRING.sub('""', expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (functions, keywords, labels, durations left out)."""
+    text = strip_strings(expr)
+    text = _GRAFANA_VAR.sub("1m", text)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = _GROUPING.sub(" ", text)
+    names = set()
+    for match in _IDENT.finditer(text):
+        word = match.group(0)
+        if text[match.end() :].lstrip().startswith("("):
+            continue  # a function call
+        if word.lower() in _KEYWORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def counters_outside_rate(expr: str) -> list[str]:
+    """Counter-like series (_total/_bucket/_count/_sum) not directly inside rate(...[w]) or increase(...[w])."""
+    text = strip_strings(expr)
+    bad = []
+    for match in _COUNTER_LIKE.finditer(text):
+        before = text[: match.start()]
+        after = text[match.end() :]
+        in_function = re.search(r"\b(?:rate|increase)\(\s*$", before) is not None
+        has_range = re.match(r"\s*(?:\{[^}]*\})?\s*\[[^\]]+\]\s*\)", after) is not None
+        if not (in_function and has_range):
+            bad.append(match.group(0))
+    return bad
+
+
+def range_windows(expr: str) -> list[str]:
+    """The contents of every ``[...]`` range selector."""
+    return re.findall(r"\[([^\]]*)\]", strip_strings(expr))
+
+
+def promql_regex_literal(value: str) -> str:
+    """``value`` as an RE2 pattern matching itself, written for a double-quoted PromQL string."""
+    return "".join("\\\\" + ch if ch in r"\.^$*+?()[]{}|" else ch for ch in value)
+
+
+# --- runbooks -----------------------------------------------------------------------------------
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub generates for a Markdown heading."""
+    slug = heading.strip().lower()
+    slug = re.sub(r"[^\w\- ]", "", slug)
+    return slug.replace(" ", "-")
+
+
+def runbook_anchors() -> set[str]:
+    anchors = set()
+    in_fence = False
+    for line in RUNBOOKS_FILE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        elif not in_fence and (match := re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)):
+            anchors.add(github_anchor(match[1]))
+    return anchors
+
+
+# --- tools ---------------------------------------------------------------------------------------
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name``; a missing binary is an error, never a skip (scripts/bootstrap installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found on PATH; run scripts/bootstrap --with-servers")
+    return path
+
+
+def run_tool(args: Sequence[str], *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_binary(args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+def http_request(url: str, *, method: str = "GET", body: Any = None, timeout: float = 5) -> tuple[int, bytes]:
+    """(status, body) of one request; connection errors raise ``OSError``."""
+    data = None
+    headers = {}
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def wait_until(probe: Callable[[], _T | None], *, timeout: float, interval: float = 0.25, what: str) -> _T:
+    """Poll ``probe`` until it returns something truthy, and return that; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = probe()
+        except (OSError, ValueError) as exc:  # not up yet, or a partial answer
+            last_error = exc
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            suffix = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{suffix}")
+        time.sleep(interval)
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """A child process with its log file; ``stop()`` terminates it and reaps it."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    env: Mapping[str, str] | None = None
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self) -> ServerProcess:
+        with self.log_path.open("wb") as log:
+            # The child keeps its own copy of the descriptor; ours is closed at once.
+            self.process = subprocess.Popen(
+                self.args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=dict(self.env) if self.env is not None else None,
+            )
+        return self
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_running(self) -> None:
+        assert self.process is not None
+        code = self.process.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with {code}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+        return self.process.returncode
+
+    def wait_ready(self, url: str, *, timeout: float = 30) -> None:
+        def ready() -> bool:
+            self.check_running()
+            status, _ = http_request(url, timeout=2)
+            return status == 200
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"{self.name} at {url}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- {self.name} log ---\n{self.log_tail()}") from None
+
+
+# --- Prometheus HTTP API ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrometheusApi:
+    base_url: str
+
+    def get(self, path: str, **params: str | Sequence[str]) -> Any:
+        query = urllib.parse.urlencode(params, doseq=True)
+        status, body = http_request(f"{self.base_url}{path}?{query}", timeout=10)
+        payload = json.loads(body)
+        if status != 200 or payload.get("status") != "success":
+            raise AssertionError(f"Prometheus {path} {params} -> {status}: {payload}")
+        return payload["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query", query=expr)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def query_range(self, expr: str, start: float, end: float, step: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+    def label_values(self, label: str, selector: str | None, start: float, end: float) -> list[str]:
+        params: dict[str, str | Sequence[str]] = {"start": f"{start:.3f}", "end": f"{end:.3f}"}
+        if selector:
+            params["match[]"] = [selector]
+        values: list[str] = self.get(f"/api/v1/label/{label}/values", **params)
+        return values
+
+
+# --- webhook receiver ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Notification:
+    path: str
+    payload: dict[str, Any]
+
+    @property
+    def alerts(self) -> list[dict[str, Any]]:
+        alerts: list[dict[str, Any]] = self.payload.get("alerts", [])
+        return alerts
+
+
+class WebhookReceiver:
+    """Records every Alertmanager webhook notification POSTed to it (a real HTTP server in a thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._notifications: list[Notification] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver._lock:
+                    receiver._notifications.append(Notification(self.path, json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self.url = f"http://{HOST}:{self.port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="webhook-receiver", daemon=True
+        )
+
+    def __enter__(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def notifications(self) -> list[Notification]:
+        with self._lock:
+            return list(self._notifications)
+
+    def alerts(self, alertname: str, status: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(path, alert) for every received alert named ``alertname`` (and with ``status``)."""
+        return [
+            (n.path, alert)
+            for n in self.notifications()
+            for alert in n.alerts
+            if alert["labels"].get("alertname") == alertname and (status is None or alert["status"] == status)
+        ]
+
+
+# --- running servers (what the fixtures hand to the tests) --------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningAlertmanager:
+    url: str
+    server: ServerProcess
+
+    def post_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        status, body = http_request(f"{self.url}/api/v2/alerts", method="POST", body=alerts)
+        assert status == 200, body
+
+    def alerts(self) -> list[dict[str, Any]]:
+        status, body = http_request(f"{self.url}/api/v2/alerts")
+        assert status == 200, body
+        result: list[dict[str, Any]] = json.loads(body)
+        return result
+
+
+@dataclass(frozen=True)
+class RunningPrometheus:
+    url: str
+    api: PrometheusApi
+    server: ServerProcess
+
+
+StartPrometheus = Callable[[list[str]], RunningPrometheus]
+
+
+@dataclass(frozen=True)
+class RunningDemo:
+    server: ServerProcess
+    metrics_target: str
+    control_url: str
+
+    def control(self, method: str, path: str) -> tuple[int, bytes]:
+        return http_request(f"{self.control_url}{path}", method=method)
+
+    def status(self) -> dict[str, Any]:
+        status, body = self.control("GET", "/status")
+        assert status == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
