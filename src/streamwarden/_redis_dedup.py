@@ -57,66 +57,109 @@ __all__ = ["RedisDedupStore"]
 
 log = logging.getLogger("streamwarden")
 
-# The script reads ARGV[1] (ms a leased or released record outlives its lease) and ARGV[2], one line per
-# key: "op owner fence ms fingerprint" (op c claim, d complete, r release, x extend, m mark; empty
-# fields allowed). One blob instead of five arguments per key, and one string back instead of an array,
-# halve the client's encoding and parsing work. It returns "code value" per key, space-separated.
+# One script for every operation. ARGV[1] names the call:
+#
+# * ``c``: claim KEYS[1]; ARGV = c keep owner ms fingerprint.
+# * ``dc``: complete KEYS[1], then claim KEYS[2] (a deferred completion riding along with the next
+#   claim); ARGV = dc keep owner fence ttl_ms fingerprint owner ms fingerprint.
+# * ``d``: complete KEYS[1]; ARGV = d keep owner fence ttl_ms fingerprint.
+# * ``*``: a batch, any op per key; ARGV = * keep blob, the blob one line per key
+#   "op owner fence ms fingerprint" (op c claim, d complete, r release, x extend, m mark; empty fields
+#   allowed): one argument instead of five per key, and one string back, halve the client's encoding
+#   and parsing work for large batches. It returns "code value" per key, space-separated.
+#
+# ``keep`` is how many ms a leased or released record outlives its lease. The single-op calls answer
+# one integer: a claim value * 8 + code, a completion 1 done / 0 not the owner, and ``dc``
+# claim * 2 + completion; no string to format on the server or to split on the client.
 # Claims: 0 NEW (value = fencing token), 4 NEW by takeover of an expired lease, 1/5/6 DUPLICATE (value =
 # PTTL ms; stored fingerprint equal to the given one / none stored / stored but none given),
 # 2 IN_PROGRESS (value = ms left on the lease), 3 CONFLICT (value = PTTL ms).
 # Completions, releases, extensions and marks: 1 done, 0 not the owner.
 _SCRIPT: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local keep = tonumber(ARGV[1])
+local now
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] * 1000 + math.floor(t[2] / 1000)
+  end
+  return now
+end
+local keep = tonumber(ARGV[2])
+local function claim(key, owner, ms, fp)
+  local r = redis.call('HMGET', key, 's', 'o', 'f', 'e', 'p')
+  local s = r[1]
+  if s == 'c' then
+    local p, code = r[5], 1
+    if not p or p == '' then code = 5
+    elseif fp == '' then code = 6
+    elseif p ~= fp then code = 3 end
+    return code, redis.call('PTTL', key)
+  end
+  if s == 'p' then
+    if r[2] == owner then return 0, tonumber(r[3]) end     -- our own claim, re-sent by a client retry
+    local left = tonumber(r[4]) - clock()
+    if left > 0 then return 2, left end                   -- another owner's live lease
+  end
+  local f = (tonumber(r[3]) or 0) + 1                     -- new, released, or an expired lease
+  redis.call('HSET', key, 's', 'p', 'o', owner, 'f', f, 'e', clock() + ms)
+  redis.call('PEXPIRE', key, ms + keep)
+  if s == 'p' then return 4, f end
+  return 0, f
+end
+local function complete(key, owner, fence, ms, fp)
+  local r = redis.call('HMGET', key, 's', 'o', 'f')
+  if r[2] ~= owner or r[3] ~= fence then return 0 end
+  if r[1] == 'p' then
+    redis.call('HSET', key, 's', 'c', 'p', fp)
+    redis.call('PEXPIRE', key, ms)
+    return 1
+  end
+  if r[1] == 'c' then return 1 end
+  return 0
+end
+local call = ARGV[1]
+if call == 'c' then
+  local code, value = claim(KEYS[1], ARGV[3], tonumber(ARGV[4]), ARGV[5])
+  return value * 8 + code
+elseif call == 'dc' then
+  local done = complete(KEYS[1], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
+  local code, value = claim(KEYS[2], ARGV[7], tonumber(ARGV[8]), ARGV[9])
+  return (value * 8 + code) * 2 + done
+elseif call == 'd' then
+  return complete(KEYS[1], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
+elseif call ~= '*' then
+  return redis.error_reply('ERR streamwarden dedup: unknown call ' .. tostring(call))
+end
 local out, i = {}, 0
-for op, owner, fence, ms, fp in string.gmatch(ARGV[2], '(%a) (%S*) (%d*) (%d+) (%S*)\\n') do
+for op, owner, fence, ms, fp in string.gmatch(ARGV[3], '(%a) (%S*) (%d*) (%d+) (%S*)\\n') do
   i = i + 1
   local key = KEYS[i]
   ms = tonumber(ms)
-  local s, o, f, e, p = unpack(redis.call('HMGET', key, 's', 'o', 'f', 'e', 'p'))
-  local mine = o == owner and f == fence
   local code, value = 0, 0
   if op == 'c' then
-    if s == 'c' then
-      if not p or p == '' then code = 5
-      elseif fp == '' then code = 6
-      elseif p == fp then code = 1
-      else code = 3 end
-      value = redis.call('PTTL', key)
-    elseif s == 'p' and o == owner then
-      value = tonumber(f)                                  -- our own claim, re-sent by a client retry
-    elseif s == 'p' and tonumber(e) > now then
-      code, value = 2, tonumber(e) - now                   -- another owner's live lease
-    else                                                   -- new, released, or an expired lease
-      value = (tonumber(f) or 0) + 1                       -- the next fencing token
-      redis.call('HSET', key, 's', 'p', 'o', owner, 'f', value, 'e', now + ms)
-      redis.call('PEXPIRE', key, ms + keep)
-      if s == 'p' then code = 4 end
-    end
-  elseif op == 'd' then                                    -- complete
-    if mine and s == 'p' then
-      redis.call('HSET', key, 's', 'c', 'p', fp)
-      redis.call('PEXPIRE', key, ms)
-      code = 1
-    elseif mine and s == 'c' then code = 1 end
-  elseif op == 'r' then                                    -- release
-    if mine and s == 'p' then
-      redis.call('HSET', key, 's', 'r')
-      code = 1
-    elseif mine and s == 'r' then code = 1 end
-  elseif op == 'x' then                                    -- extend
-    if mine and s == 'p' then
-      redis.call('HSET', key, 'e', now + ms)
-      redis.call('PEXPIRE', key, ms + keep)
-      code = 1
-    end
+    code, value = claim(key, owner, ms, fp)
+  elseif op == 'd' then
+    code = complete(key, owner, fence, ms, fp)
   elseif op == 'm' then                                    -- mark completed without a claim
     redis.call('HSET', key, 's', 'c', 'o', '', 'p', fp)
     redis.call('PEXPIRE', key, ms)
     code = 1
+  else
+    local r = redis.call('HMGET', key, 's', 'o', 'f')
+    if r[2] == owner and r[3] == fence then
+      if op == 'r' then                                    -- release
+        if r[1] == 'p' then
+          redis.call('HSET', key, 's', 'r')
+          code = 1
+        elseif r[1] == 'r' then code = 1 end
+      elseif op == 'x' and r[1] == 'p' then                -- extend
+        redis.call('HSET', key, 'e', clock() + ms)
+        redis.call('PEXPIRE', key, ms + keep)
+        code = 1
+      end
+    end
   end
-  out[i] = string.format('%d %d', code, value)
+  out[i] = code .. ' ' .. value
 end
 if i ~= #KEYS then
   return redis.error_reply('ERR streamwarden dedup: ' .. i .. ' operations for ' .. #KEYS .. ' keys')
@@ -171,6 +214,16 @@ def _id_digest(message_id: str) -> str:
             message_id.encode("utf-8", "surrogatepass"), digest_size=32, person=b"sw-surrogates"
         ).hexdigest()
     return hashlib.sha256(data).hexdigest()
+
+
+# A queued completion: message id, key, owner token, fencing token, ttl ms, wire fingerprint.
+_Completion = tuple[str, str, str, int, int, str]
+
+
+def _completion_line(entry: _Completion) -> str:
+    """The batch script's op line completing ``entry``."""
+    _, _, owner, fence, ttl_ms, fp = entry
+    return f"d {owner} {fence} {ttl_ms} {fp}\n"
 
 
 def _milliseconds(seconds: float) -> int:
@@ -234,6 +287,7 @@ class RedisDedupStore:
         defer_completions: bool = False,
         flush_interval: float = 0.005,
         max_deferred: int = 512,
+        dedicated_connection: bool = True,
     ) -> None:
         if local_cache_size < 0:
             raise ValueError("local_cache_size must be >= 0")
@@ -254,11 +308,18 @@ class RedisDedupStore:
         self._defer = defer_completions
         self._flush_interval = flush_interval
         self._max_deferred = max_deferred
-        # Queued completions: (message id, key, op line); sent before anything else in the next call.
-        self._pending: list[tuple[str, str, str]] = []
+        # Queued completions: (message id, key, owner, fencing token, ttl ms, fingerprint); sent before
+        # anything else in the next call.
+        self._pending: list[_Completion] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_failures = 0
+        # The connection this store holds from the client's pool for its script calls (single node, a
+        # client without a connection of its own): taken at the first call, returned by aclose(). A call
+        # made while it is busy (concurrent tasks) goes through the client and its pool as usual.
+        self._dedicated = dedicated_connection and not self._cluster and client.connection is None
+        self._conn: Any = None
+        self._conn_busy = False
         self.takeovers = 0
         self.lost_completions = 0
 
@@ -272,13 +333,38 @@ class RedisDedupStore:
         return self._prefix + _id_digest(message_id)
 
     # --- running the script -------------------------------------------------------------------
-    async def _eval(self, keys: Sequence[str], ops: str) -> list[int]:
-        """One script call over ``keys`` with their op lines; two integers per key come back."""
+    async def _call(self, *args: str | int) -> Any:
+        """One script call: ``args`` are the key count, the keys and the ARGV (see :data:`_SCRIPT`)."""
+        if self._dedicated and not self._conn_busy:
+            self._conn_busy = True
+            try:
+                conn = self._conn
+                if conn is None:
+                    conn = self._conn = await self._client.connection_pool.get_connection()
+                return await conn.retry.call_with_retry(
+                    lambda: self._call_on(conn, args), lambda error: conn.disconnect()
+                )
+            finally:
+                self._conn_busy = False
         client: Any = self._client
         try:
-            reply = await client.execute_command("EVALSHA", _SHA, len(keys), *keys, self._keep, ops)
+            return await client.execute_command("EVALSHA", _SHA, *args)
         except redis.exceptions.NoScriptError:  # first use on this server, or after SCRIPT FLUSH/failover
-            reply = await client.execute_command("EVAL", _SCRIPT, len(keys), *keys, self._keep, ops)
+            return await client.execute_command("EVAL", _SCRIPT, *args)
+
+    @staticmethod
+    async def _call_on(conn: Any, args: tuple[str | int, ...]) -> Any:
+        """One attempt of a script call on the store's own connection (what ``execute_command`` does)."""
+        try:
+            await conn.send_command("EVALSHA", _SHA, *args)
+            return await conn.read_response()
+        except redis.exceptions.NoScriptError:
+            await conn.send_command("EVAL", _SCRIPT, *args)
+            return await conn.read_response()
+
+    async def _eval(self, keys: Sequence[str], ops: str) -> list[int]:
+        """One batch script call over ``keys`` with their op lines; two integers per key come back."""
+        reply = await self._call(len(keys), *keys, "*", self._keep, ops)
         return list(map(int, reply.split()))
 
     async def _run(self, keys: list[str], lines: list[str]) -> list[int]:
@@ -290,8 +376,8 @@ class RedisDedupStore:
         pending = self._pending
         if pending:
             self._pending = []
-            keys = [key for _, key, _ in pending] + keys
-            lines = [line for _, _, line in pending] + lines
+            keys = [entry[1] for entry in pending] + keys
+            lines = [_completion_line(entry) for entry in pending] + lines
         try:
             reply = await (
                 self._eval(keys, "".join(lines)) if not self._cluster else self._run_on_cluster(keys, lines)
@@ -336,17 +422,18 @@ class RedisDedupStore:
     ) -> list[Any]:
         pipe: Any = self._client.pipeline()
         for _, keys, ops in calls:
-            pipe.execute_command(command, script, len(keys), *keys, self._keep, ops)
+            pipe.execute_command(command, script, len(keys), *keys, "*", self._keep, ops)
         return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
-    def _settle(self, batch: Sequence[tuple[str, str, str]], reply: Sequence[int]) -> None:
+    def _settle(self, batch: Sequence[_Completion], reply: Sequence[int]) -> None:
         """Account for queued completions that Redis answered."""
-        for n, (message_id, _, _) in enumerate(batch):
+        for n, entry in enumerate(batch):
             if reply[2 * n] != 1:
-                self.lost_completions += 1
-                log.warning(
-                    "deferred dedup completion of %r was refused: the lease had been taken over", message_id
-                )
+                self._lost(entry[0])
+
+    def _lost(self, message_id: str) -> None:
+        self.lost_completions += 1
+        log.warning("deferred dedup completion of %r was refused: the lease had been taken over", message_id)
 
     # --- the local cache of completed ids -----------------------------------------------------
     def _remember(self, message_id: str, expires_at: float, fingerprint: object) -> None:
@@ -411,13 +498,33 @@ class RedisDedupStore:
             if cached is not None:
                 return cached
         owner = self._unsettled.pop(message_id, None) or f"{_owner_prefix}{next(_owner_counter)}"
-        line = f"c {owner}  {_milliseconds(lease_seconds)} {fp}\n"
+        key = self._prefix + _id_digest(message_id)
+        ms = _milliseconds(lease_seconds)
+        pending = self._pending
         try:
-            reply = await self._run([self.key(message_id)], [line])
+            if not pending:
+                reply = await self._call(1, key, "c", self._keep, owner, ms, fp)
+            elif len(pending) == 1 and not self._cluster:
+                # the usual deferred completion: "complete the previous message, claim this one"
+                self._pending = []
+                done_id, done_key, done_owner, fence, ttl_ms, done_fp = pending[0]
+                try:
+                    reply = await self._call(
+                        2, done_key, key, "dc", self._keep, done_owner, fence, ttl_ms, done_fp, owner, ms, fp
+                    )
+                except BaseException:
+                    self._pending[:0] = pending  # not known to have landed: send again (idempotent)
+                    raise
+                if not reply & 1:
+                    self._lost(done_id)
+                reply >>= 1
+            else:
+                codes = await self._run([key], [f"c {owner}  {ms} {fp}\n"])
+                reply = codes[1] * 8 + codes[0]
         except BaseException:
             self._unsettle(message_id, owner)
             raise
-        return self._claim_result(message_id, owner, reply[0], reply[1], now, lease_seconds, fp)
+        return self._claim_result(message_id, owner, reply & 7, reply >> 3, now, lease_seconds, fp)
 
     async def claim_many(
         self,
@@ -480,14 +587,23 @@ class RedisDedupStore:
         fp = _wire_fingerprint(fingerprint) if fingerprint else ""
         message_id = lease.message_id
         expires_at = self._clock() + ttl_seconds
-        line = f"d {lease.owner} {lease.fencing_token} {_milliseconds(ttl_seconds)} {fp}\n"
+        key = self._prefix + _id_digest(message_id)
+        ttl_ms = _milliseconds(ttl_seconds)
+        owner, fence = lease.owner, lease.fencing_token
         if self._defer:
             self._remember(message_id, expires_at, fp)  # the effect happened: answer DUPLICATE from now on
-            self._pending.append((message_id, self.key(message_id), line))
-            await self._after_deferring()
+            pending = self._pending
+            pending.append((message_id, key, owner, fence, ttl_ms, fp))
+            if len(pending) >= self._max_deferred:
+                await self.flush()
+            elif self._timer is None and self._flusher is None:
+                self._schedule_flush()
             return True
-        reply = await self._run([self.key(message_id)], [line])
-        if reply[0] != 1:
+        if self._pending:  # deferred completions of a store whose defer flag was changed: keep order
+            done = (await self._run([key], [f"d {owner} {fence} {ttl_ms} {fp}\n"]))[0]
+        else:
+            done = await self._call(1, key, "d", self._keep, owner, fence, ttl_ms, fp)
+        if done != 1:
             return False
         self._remember(message_id, expires_at, fp)
         return True
@@ -509,12 +625,9 @@ class RedisDedupStore:
             return []
         expires_at = self._clock() + ttl_seconds
         ttl_ms = _milliseconds(ttl_seconds)
-        ops = [
-            (
-                lease.message_id,
-                self.key(lease.message_id),
-                f"d {lease.owner} {lease.fencing_token} {ttl_ms} {fp}\n",
-            )
+        key_of = self.key
+        ops: list[_Completion] = [
+            (lease.message_id, key_of(lease.message_id), lease.owner, lease.fencing_token, ttl_ms, fp)
             for lease, fp in zip(leases, fps, strict=True)
         ]
         if self._defer:
@@ -523,7 +636,7 @@ class RedisDedupStore:
             self._pending += ops
             await self._after_deferring()
             return [True] * len(ops)
-        reply = await self._run([key for _, key, _ in ops], [line for _, _, line in ops])
+        reply = await self._run([entry[1] for entry in ops], [_completion_line(entry) for entry in ops])
         done = [reply[2 * n] == 1 for n in range(len(ops))]
         for lease, fp, ok in zip(leases, fps, done, strict=True):
             if ok:
@@ -569,7 +682,12 @@ class RedisDedupStore:
         if flusher is not None:
             await asyncio.gather(flusher, return_exceptions=True)
             self._cancel_timer()  # a failed flush re-arms it
-        await self.flush()
+        try:
+            await self.flush()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await self._client.connection_pool.release(conn)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
