@@ -8,6 +8,10 @@ validating again.
 
 from __future__ import annotations
 
+import difflib
+import logging
+import os
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -19,9 +23,34 @@ from ._retry import RetryPolicy
 
 __all__ = ["ReliabilitySettings"]
 
+log = logging.getLogger("streamwarden.settings")
+
 DedupFailureMode = Literal["fail_closed", "fail_open"]
 UnknownErrorPolicy = Literal["retry", "dead_letter"]
 MissingIdPolicy = Literal["dead_letter", "content_hash"]
+
+
+# STREAMWARDEN_* variables that are not settings fields: the command line reads them.
+NON_SETTINGS_VARIABLES = frozenset(
+    {
+        "STREAMWARDEN_REDIS_URL",
+        "STREAMWARDEN_REDIS_USERNAME",
+        "STREAMWARDEN_REDIS_PASSWORD",
+        "STREAMWARDEN_REDIS_TLS_CA_FILE",
+        "STREAMWARDEN_TRACE_URL",
+        "STREAMWARDEN_REPLAY_HANDLER",
+    }
+)
+
+
+def _warn_unknown_environment(fields: Mapping[str, object]) -> None:
+    """Log ``STREAMWARDEN_*`` variables that name no setting (a typo would otherwise pass silently)."""
+    known = {f"STREAMWARDEN_{name.upper()}" for name in fields} | NON_SETTINGS_VARIABLES
+    for variable in os.environ:
+        if variable.startswith("STREAMWARDEN_") and variable not in known:
+            close = difflib.get_close_matches(variable, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            log.warning("environment variable %s is not a streamwarden setting%s", variable, hint)
 
 
 class ReliabilitySettings(BaseSettings):
@@ -129,6 +158,7 @@ class ReliabilitySettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ReliabilitySettings:
+        _warn_unknown_environment(type(self).model_fields)
         if self.processing_timeout is not None and self.dedup_lease <= self.processing_timeout:
             raise ValueError(
                 f"dedup_lease ({self.dedup_lease:g}s) must be longer than processing_timeout "

@@ -200,3 +200,14 @@ def test_environment_feeds_the_policies(monkeypatch: pytest.MonkeyPatch) -> None
     settings = ReliabilitySettings()
     assert settings.retry_policy().max_attempts == 1
     assert settings.breaker_policy().failure_threshold == 2
+
+
+def test_misspelt_environment_variable_is_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A STREAMWARDEN_* variable that names no setting is logged with the closest real name."""
+    monkeypatch.setenv("STREAMWARDEN_MAX_RETRY", "5")
+    settings = ReliabilitySettings()
+    assert settings.max_retries == 3
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("STREAMWARDEN_MAX_RETRY" in m and "STREAMWARDEN_MAX_RETRIES" in m for m in messages)
