@@ -372,3 +372,46 @@ async def test_redis_outage_backs_off_and_recovers(
         assert errors_before < 200
     finally:
         await client.aclose()
+
+
+async def test_runners_share_breaker_state_and_flush_fleet_counters(
+    client: redis.asyncio.Redis, stream: str, otel: Otel
+) -> None:
+    """With shared_breaker on, one runner's open breaker is adopted by another; counters reach the Redis hash."""
+    settings = sw.ReliabilitySettings(
+        circuit_breaker_threshold=1,
+        circuit_breaker_timeout=60,
+        max_retries=0,
+        shared_breaker=True,
+        shared_breaker_poll_interval=0.02,
+        metrics_flush_interval=0.05,
+        service_name="fleet",
+        exhausted_transient_action="defer",
+    )
+
+    def layer() -> sw.ReliabilityLayer:
+        return sw.ReliabilityLayer(
+            client, settings, tracer_provider=otel.tracer_provider, meter_provider=otel.meter_provider
+        )
+
+    async def failing_handler(env: sw.Envelope) -> None:
+        raise ConnectionError("downstream down")
+
+    async def quiet_handler(env: sw.Envelope) -> None:
+        return None
+
+    first, second = layer(), layer()
+    failing = make_consumer(client, stream, first, failing_handler, name="a")
+    idle = make_consumer(client, f"{stream}-other", second, quiet_handler, name="b")
+    await StreamProducer(client, stream).send({}, message_id="boom")
+    async with running(failing), running(idle):
+        await eventually(lambda: first.circuit_breaker.state == "open")
+        await eventually(lambda: second.circuit_breaker.state == "open")
+
+        async def flushed() -> bool:
+            totals = await client.hgetall("streamwarden:metrics:fleet")
+            return int(totals.get(b"messages_deferred", 0)) >= 1
+
+        await eventually(flushed)
+    await first.aclose()
+    await second.aclose()
