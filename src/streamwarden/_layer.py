@@ -121,6 +121,13 @@ def current_lease() -> Lease | None:
     return _current_lease.get()
 
 
+class _Retried(NamedTuple):
+    """A success after retries: the value and how many attempts it took."""
+
+    value: Any
+    attempts: int
+
+
 def _nowait_twin(store: object, method: str) -> Any:
     """``store.<method>_nowait`` when it is safe to call instead of ``await store.<method>(...)``.
 
@@ -278,10 +285,22 @@ class ReliabilityLayer:
                 warnings.append(problem)
         return warnings
 
-    async def aclose(self) -> None:
-        """Flush buffered state: deferred dedup completions and counters (the Redis client stays open)."""
-        await self.deduplication_manager.aclose()
-        await self.metrics_collector.flush()
+    async def aclose(self, *, timeout: float = 5.0) -> None:
+        """Flush buffered state: deferred dedup completions and counters (the Redis client stays open).
+
+        Bounded by ``timeout`` seconds per step and never raising: at shutdown an unreachable Redis must
+        not keep the process alive or crash it. What could not be flushed is logged (deferred
+        completions then fall into the documented crash window; unflushed counts are lost to the fleet
+        totals only).
+        """
+        for what, step in (
+            ("deferred dedup completions", self.deduplication_manager.aclose),
+            ("fleet counters", self.metrics_collector.flush),
+        ):
+            try:
+                await asyncio.wait_for(step(), timeout=timeout)
+            except (Exception, TimeoutError) as exc:
+                log.warning("shutdown: could not flush %s: %r", what, exc)
 
     async def __aenter__(self) -> ReliabilityLayer:
         return self
@@ -405,6 +424,7 @@ class ReliabilityLayer:
                 return await self._poison(mid, env, headers, message, delivery, dt, lease)
             # --- first attempt, outside tenacity ------------------------------------------------
             lease_token = _current_lease.set(lease)
+            effect_done = False
             try:
                 breaker = self.circuit_breaker
                 started_attempts = self._clock()
@@ -438,25 +458,25 @@ class ReliabilityLayer:
                         dog.settle_ok(task)
                 except Exception as first_error:
                     breaker.record_failure(admission, first_error, self.classifier.classify(first_error))
-                    result = await self._retry(
-                        mid,
-                        env,
-                        headers,
-                        message,
-                        processor,
-                        dt,
-                        lease,
-                        fingerprint,
-                        first_error,
-                        started_attempts,
+                    retried = await self._retry(
+                        mid, env, headers, message, processor, dt, lease, first_error, started_attempts
                     )
-                    if result.outcome is _DEAD_LETTERED or result.outcome is _FAILED:
-                        failure_type = self._mark_failed(span, result.error)
-                    return result
+                    if type(retried) is ProcessResult:  # dead-lettered, deferred or failed
+                        if retried.outcome is _DEAD_LETTERED or retried.outcome is _FAILED:
+                            failure_type = self._mark_failed(span, retried.error)
+                        return retried
+                    assert type(retried) is _Retried
+                    value, attempts = retried.value, retried.attempts
                 except BaseException:
                     breaker.abandon(admission)
                     raise
-                breaker.record_success(admission)
+                else:
+                    breaker.record_success(admission)
+                    attempts = 1
+                # The handler's effect has happened: from here on, a cancellation must not release the
+                # claim (a redelivery would run the effect again uncounted); the lease expires instead
+                # and a redelivery is a counted takeover.
+                effect_done = True
                 if lease is not None:
                     if self._complete_nowait is not None:
                         try:
@@ -469,9 +489,9 @@ class ReliabilityLayer:
                 # _finish(PROCESSED) written out: the common case, on the hot path
                 dt.outcomes[_PROCESSED].value += 1
                 self._seed_counts[n.COUNTER_PROCESSED] += 1
-                return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, 1, None))
+                return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, attempts, None))
             except BaseException:
-                if lease is not None:
+                if lease is not None and not effect_done:
                     await self._release(lease)
                 raise
             finally:
@@ -551,6 +571,21 @@ class ReliabilityLayer:
             )
         return self._finish(dt, Outcome.DUPLICATE, mid)
 
+    async def _mark_dead_lettered(self, lease: Lease) -> None:
+        """After a confirmed DLQ write: complete the claim for one lease period, not for the dedup TTL.
+
+        A crash between the DLQ write and the acknowledgement redelivers the message; within this window
+        the redelivery is a duplicate (acknowledged, not dead-lettered twice). After it, the id is free
+        again, so a replay or a later delivery runs it. :class:`~streamwarden.DeadLetterReplayer` treats a
+        completion younger than the window as this marker, not as a real completion.
+        """
+        try:
+            if await self._dedup_store.complete(lease, self._dedup_policy.lease, None):
+                return
+        except Exception:
+            log.exception("could not mark %r as dead-lettered in the dedup store", lease.message_id)
+        await self._release(lease)
+
     async def _release(self, lease: Lease) -> None:
         try:
             await self._dedup_store.release(lease)
@@ -587,11 +622,13 @@ class ReliabilityLayer:
         processor: Processor,
         dt: DestinationTelemetry,
         lease: Lease | None,
-        fingerprint: str | None,
         first_error: Exception,
         started: float,
-    ) -> ProcessResult:
-        """The slow path after a failed first attempt: tenacity retries, then DLQ or deferral."""
+    ) -> ProcessResult | _Retried:
+        """The slow path after a failed first attempt: tenacity retries, then DLQ or deferral.
+
+        Success returns :class:`_Retried`; :meth:`process` completes the claim, as on the fast path.
+        """
         breaker = self.circuit_breaker
         deadline = self._retry_policy.deadline
         attempts = 1
@@ -616,9 +653,7 @@ class ReliabilityLayer:
             if env is None:
                 env = Envelope(mid, message, headers if isinstance(headers, Mapping) else {})
             return await self._fail(env, dt, lease, final, attempts)
-        if lease is not None:
-            await self._complete(lease, fingerprint, dt)
-        return self._finish(dt, Outcome.PROCESSED, mid, result=value, attempts=attempts)
+        return _Retried(value, attempts)
 
     async def _poison(
         self,
@@ -697,7 +732,10 @@ class ReliabilityLayer:
                     f"streamwarden: dead-letter write failed, message not acknowledged: {dlq_error}"
                 )
         if lease is not None:
-            await self._release(lease)
+            if entry is None:
+                await self._release(lease)
+            else:
+                await self._mark_dead_lettered(lease)
         if entry is None:
             return self._finish(dt, Outcome.FAILED, env.id, error=error, attempts=attempts)
         _call_hook(self._on_dead_letter_hook, entry)

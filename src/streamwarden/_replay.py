@@ -208,6 +208,7 @@ class DeadLetterReplayer:
         rate_per_second: float | None = 50.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         own = layer.error_handler.dead_letters
         if store is None:
@@ -220,6 +221,7 @@ class DeadLetterReplayer:
         self.layer = layer
         self.store = store
         self.bucket = TokenBucket(rate_per_second, clock=clock, sleep=sleep)
+        self._wall_clock = wall_clock  # compared with entries' dead_lettered_at (epoch seconds)
 
     async def select(
         self,
@@ -317,8 +319,22 @@ class DeadLetterReplayer:
         return self._item(entry, ReplayResult.DRY_RUN, reason)
 
     async def _is_completed(self, entry: DeadLetterEntry) -> bool:
+        """Whether the id was completed by real processing (not just marked when it was dead-lettered).
+
+        The layer completes a dead-lettered id for one lease period so that a redelivery racing the
+        acknowledgement is a duplicate. Within that window no delivery can complete the id for real
+        (every one is answered as a duplicate), so a completion then is the layer's own marker: it is
+        forgotten and the entry replayed.
+        """
         assert entry.message_id is not None
-        return await self.layer.deduplication_manager.store.is_completed(entry.message_id)
+        store = self.layer.deduplication_manager.store
+        if not await store.is_completed(entry.message_id):
+            return False
+        window = self.layer.deduplication_manager.policy.lease
+        if self._wall_clock() - entry.dead_lettered_at < window:
+            await store.forget(entry.message_id)
+            return False
+        return True
 
     async def _replay_one(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,11 +111,15 @@ def _cli() -> Any:
 
 
 async def test_completed_id_is_skipped_unless_forced(store: RedisDeadLetterStore, otel: Otel) -> None:
-    """An id already completed is reported skipped_duplicate and kept; force forgets it and runs it."""
+    """An id completed after its entry was written is reported skipped_duplicate and kept; force runs it."""
     layer = make_layer(store, otel=otel)
     handler = Handler(fail=False)
     assert (await layer.process({"id": "done-1"}, handler)).outcome is Outcome.PROCESSED
-    stale = await store.add(entry(message_id="done-1", payload={"id": "done-1"}))
+    # dead-lettered an hour ago, past the layer's dead-letter marker window: the completion is real
+    an_hour_ago = time.time() - 3600
+    stale = await store.add(
+        entry(message_id="done-1", payload={"id": "done-1"}, dead_lettered_at=an_hour_ago)
+    )
     replayer = DeadLetterReplayer(layer, store, rate_per_second=None)
 
     skipped = await replayer.replay(handler)
@@ -344,3 +349,19 @@ async def test_handler_gets_what_the_consumer_got(
         assert got.source_ref == source_ref
     else:
         assert got == {"id": "s-1"}
+
+
+async def test_replay_right_after_dead_lettering_runs_despite_the_marker(
+    store: RedisDeadLetterStore, otel: Otel
+) -> None:
+    """The layer marks a dead-lettered id completed for one lease; a replay within it still runs the entry."""
+    layer = make_layer(store, otel=otel)
+    failing = Handler(fail=True)
+    assert (await layer.process({"id": "fresh-1"}, failing)).outcome is Outcome.DEAD_LETTERED
+    assert (await layer.process({"id": "fresh-1"}, failing)).outcome is Outcome.DUPLICATE  # the marker
+    assert len(failing.calls) == 1
+    fixed = Handler(fail=False)
+    report = await DeadLetterReplayer(layer, store, rate_per_second=None).replay(fixed)
+    assert [i.result for i in report.items] == [ReplayResult.PROCESSED]
+    assert len(fixed.calls) == 1
+    assert await store.count() == 0

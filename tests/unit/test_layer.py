@@ -130,10 +130,18 @@ async def test_unknown_errors_follow_the_policy(make_layer: MakeLayer, policy: s
     assert result.dead_letter.error_class == "unknown"
 
 
-async def test_dead_lettered_id_is_released_so_a_replay_can_run_it(make_layer: MakeLayer) -> None:
-    """After dead-lettering, the id is not marked completed: a later delivery runs the handler again."""
-    layer = make_layer()
-    await layer.process({"id": "x"}, failing([ValueError("bad")]))
+async def test_dead_lettered_id_is_a_duplicate_for_one_lease_then_free(
+    make_layer: MakeLayer, clock: Clock
+) -> None:
+    """After a confirmed DLQ write the id answers DUPLICATE for one lease period (a redelivery racing the
+    ack is not dead-lettered twice), then is free again so a later delivery or replay runs it."""
+    layer = make_layer(dedup_lease=60, processing_timeout=None, retry_deadline=None)
+    processor = failing([ValueError("bad")])
+    assert (await layer.process({"id": "x"}, processor)).outcome is sw.Outcome.DEAD_LETTERED
+    assert (await layer.process({"id": "x"}, processor)).outcome is sw.Outcome.DUPLICATE
+    assert processor.calls == 1  # type: ignore[attr-defined]
+    assert await layer.error_handler.dead_letters.count() == 1
+    clock.advance(61)
     assert not await layer.deduplication_manager.is_duplicate("x")
     assert (await layer.process({"id": "x"}, ok)).outcome is sw.Outcome.PROCESSED
 
