@@ -374,7 +374,7 @@ async def _consume(
         finally:
             if health is not None:
                 await health.close()
-            await layer.aclose()
+            await layer.aclose(timeout=1.0)  # the runner already flushed; bounded if Redis is frozen
         stats = runner.stats
         console.print(
             f"stopped: read {stats.read}, reclaimed {stats.reclaimed}, acked {stats.acked}, "

@@ -288,17 +288,19 @@ class ReliabilityLayer:
     async def aclose(self, *, timeout: float = 5.0) -> None:
         """Flush buffered state: deferred dedup completions and counters (the Redis client stays open).
 
-        Bounded by ``timeout`` seconds per step and never raising: at shutdown an unreachable Redis must
+        Bounded by ``timeout`` seconds in all and never raising: at shutdown an unreachable Redis must
         not keep the process alive or crash it. What could not be flushed is logged (deferred
         completions then fall into the documented crash window; unflushed counts are lost to the fleet
         totals only).
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for what, step in (
             ("deferred dedup completions", self.deduplication_manager.aclose),
             ("fleet counters", self.metrics_collector.flush),
         ):
             try:
-                await asyncio.wait_for(step(), timeout=timeout)
+                await asyncio.wait_for(step(), timeout=max(0.0, deadline - loop.time()))
             except (Exception, TimeoutError) as exc:
                 log.warning("shutdown: could not flush %s: %r", what, exc)
 

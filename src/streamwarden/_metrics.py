@@ -9,6 +9,7 @@ seed's ``self.metrics_collector.increment(...)`` and ``await collector.increment
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -82,6 +83,7 @@ class MetricsCollector:
         #: layer) may add to a known key in place; flushes send the difference to the last flush.
         self.counts: dict[str, int] = dict.fromkeys(SEED_COUNTERS, 0)
         self._flushed: dict[str, int] = {}
+        self._flush_lock = asyncio.Lock()
 
     def increment(self, metric_name: str, value: int = 1) -> _Done:
         """Add ``value`` to ``metric_name``; counted at once, awaiting the result is optional."""
@@ -94,9 +96,17 @@ class MetricsCollector:
         return dict(self.counts)
 
     async def flush(self) -> None:
-        """Send counts accumulated since the last flush to the shared store (no-op without one)."""
+        """Send counts accumulated since the last flush to the shared store (no-op without one).
+
+        Flushes are serialised: two at once would both send the same deltas.
+        """
         if self.store is None:
             return
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        assert self.store is not None
         current = dict(self.counts)
         deltas = {k: v - self._flushed.get(k, 0) for k, v in current.items() if v != self._flushed.get(k, 0)}
         if not deltas:

@@ -72,7 +72,11 @@ async def run_periodic_flush(
     while True:
         await sleep(interval)
         try:
-            await collector.flush()
+            # shielded: a stop must not cut a MULTI/EXEC short and leave it unknown whether it applied
+            # (the next flush would then send those deltas again)
+            await asyncio.shield(collector.flush())
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             log.warning("metrics flush failed; retrying in %gs: %r", interval, exc)
 

@@ -62,6 +62,8 @@ FIELD_TRACESTATE = "tracestate"
 
 # Seconds a shutdown waits, after shutdown_timeout, for cancelled messages to release their claims.
 _RELEASE_GRACE_S = 2.0
+# Bound on stopping each background companion (shared breaker sync, counter flusher) at shutdown.
+_HELPER_STOP_S = 1.0
 
 
 def _text(value: Any) -> str:
@@ -202,6 +204,8 @@ class RedisStreamConsumer:
         self._stop = asyncio.Event()
         self._semaphore = asyncio.Semaphore(concurrency)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._acks: list[Any] = []  # stream entry ids to acknowledge with the next XACK
+        self._ack_task: asyncio.Task[None] | None = None
         self._key_tails: dict[str, asyncio.Task[None]] = {}
         self._claim_cursor = "0-0"
         self._last_claim = 0.0
@@ -299,10 +303,12 @@ class RedisStreamConsumer:
         return helpers
 
     async def _stop_helpers(self, helpers: list[Any]) -> None:
+        """Stop the companions, each within ``_HELPER_STOP_S``: a frozen Redis must not hold up exit (a
+        final counter flush that cannot finish in time is logged and dropped)."""
         for helper in reversed(helpers):
             try:
-                await helper.stop()
-            except Exception as exc:
+                await asyncio.wait_for(helper.stop(), timeout=_HELPER_STOP_S)
+            except (Exception, TimeoutError) as exc:
                 log.warning("stopping %s failed: %r", type(helper).__name__, exc)
 
     async def ensure_group(self) -> None:
@@ -448,15 +454,29 @@ class RedisStreamConsumer:
             if _not_attempted(result):
                 await self._give_back_delivery(env)
             return
+        self._acks.append(env.source_ref)
+        if self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._send_acks())
+
+    async def _send_acks(self) -> None:
+        """XACK what finished, one command for all of it: the entries that finish while one XACK is in
+        flight go together in the next (group commit), so a batch costs a round trip, not one each."""
         try:
-            await self.client.xack(self.stream, self.group, env.source_ref)
-        except Exception as exc:  # stays pending; redelivery is answered as a duplicate
-            self.stats.redis_errors += 1
-            log.warning(
-                "XACK of %s failed (%r): it will be redelivered and deduplicated", env.source_ref, exc
-            )
-            return
-        self.stats.acked += 1
+            while self._acks:
+                entry_ids, self._acks = self._acks, []
+                try:
+                    await self.client.xack(self.stream, self.group, *entry_ids)
+                except Exception as exc:  # they stay pending; redeliveries are answered as duplicates
+                    self.stats.redis_errors += 1
+                    log.warning(
+                        "XACK of %d entries failed (%r): they will be redelivered and deduplicated",
+                        len(entry_ids),
+                        exc,
+                    )
+                    continue
+                self.stats.acked += len(entry_ids)
+        finally:
+            self._ack_task = None
 
     async def _give_back_delivery(self, env: Envelope) -> None:
         """Undo the delivery count of an entry whose handler never ran (``XCLAIM … RETRYCOUNT JUSTID``).
@@ -509,6 +529,11 @@ class RedisStreamConsumer:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     async def _drain(self) -> None:
+        await self._drain_inflight()
+        if self._ack_task is not None:  # the acknowledgements of what finished
+            await asyncio.wait((self._ack_task,), timeout=_RELEASE_GRACE_S)
+
+    async def _drain_inflight(self) -> None:
         if not self._inflight:
             return
         _done, pending = await asyncio.wait(set(self._inflight), timeout=self.shutdown_timeout)

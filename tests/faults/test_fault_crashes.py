@@ -1,0 +1,188 @@
+"""Consumer processes killed, frozen and stopped at the worst moments: nothing lost, every duplicate counted.
+
+Scenarios 1-4 and 10 of issue 4 (see docs/faults.md). Takeovers are read from the counters hash after
+the surviving consumers exited gracefully (they flush at exit), and cross-checked with the takeover
+lines the consumers wrote to the ledger.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from _faultlib import FaultRig, ids_of, ok_messages
+
+
+async def test_kill_between_effect_and_completion_runs_it_twice_and_counts_one_takeover(
+    rig: FaultRig,
+) -> None:
+    """kill -9 after the side effect, before the completion mark: a takeover after the lease, 2 executions."""
+    await rig.create_group()
+    victim = rig.spawn("c1")
+    await rig.produce([("hang", {"action": "hang_after_effect"})])
+    await rig.wait(lambda: len(rig.ledger().effects("hang")) == 1)
+    victim.kill()
+    record = await rig.dedup_record("hang")
+    assert record["s"] == "p", "the victim died holding the lease, before the completion mark"
+    lease_deadline = int(record["e"]) / 1000
+
+    rig.release()
+    survivor = rig.spawn("c2")
+    others = ok_messages("ok", 5)
+    await rig.produce(others)
+    await rig.wait(lambda: rig.ledger().executed_ids() >= {"hang", *ids_of(others)})
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+
+    ledger = rig.ledger()
+    executions = ledger.effects("hang")
+    assert [e["pid"] for e in executions] == [victim.pid, survivor.pid]
+    assert executions[1]["t"] >= lease_deadline, "the takeover waited for the lease to expire"
+    counters = await rig.counters()
+    assert counters["dedup_takeovers"] == 1 == ledger.takeovers()
+    assert ledger.duplicate_executions() == counters["dedup_takeovers"]
+    assert await rig.lost(["hang", *ids_of(others)]) == set()
+    assert await rig.pending() == []
+
+
+async def test_kill_after_completion_before_xack_redelivery_is_a_duplicate(rig: FaultRig) -> None:
+    """kill -9 between the completion mark and XACK: the redelivery is answered DUPLICATE and acknowledged."""
+    await rig.create_group()
+    victim = rig.spawn("c1")
+    [entry] = await rig.produce([("acked-late", {"action": "die_before_ack"})])
+    await rig.wait(lambda: not victim.alive())
+    assert victim.proc.returncode == -9
+    assert (await rig.dedup_record("acked-late"))["s"] == "c", "completed before the process died"
+    assert [p["entry"] for p in await rig.pending()] == [entry], "but never acknowledged"
+
+    survivor = rig.spawn("c2")
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+
+    ledger = rig.ledger()
+    assert len(ledger.effects("acked-late")) == 1
+    assert len(ledger.starts("acked-late")) == 1, "the redelivery never reached the handler"
+    counters = await rig.counters()
+    assert counters["messages_deduplicated"] == 1
+    assert counters["dedup_takeovers"] == 0 == ledger.duplicate_executions()
+    assert survivor.stats_line()["outcomes"] == {"duplicate": 1}
+
+
+async def test_kill_mid_handler_waits_for_the_lease_then_exactly_one_takeover(rig: FaultRig) -> None:
+    """kill -9 before the side effect: nobody runs it until the lease expires, then one takeover runs it once."""
+    await rig.create_group()
+    victim = rig.spawn("c1")
+    await rig.produce([("mid", {"action": "hang_before_effect"})])
+    await rig.wait(lambda: len(rig.ledger().starts("mid")) == 1)
+    lease_deadline = int((await rig.dedup_record("mid"))["e"]) / 1000
+    victim.kill()
+
+    rig.release()
+    survivor = rig.spawn("c2")
+    await rig.wait(lambda: "mid" in rig.ledger().executed_ids())
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+
+    ledger = rig.ledger()
+    starts = ledger.starts("mid")
+    assert [s["pid"] for s in starts] == [victim.pid, survivor.pid]
+    assert starts[1]["t"] >= lease_deadline, "no one ran it while the dead owner's lease was valid"
+    assert [e["pid"] for e in ledger.effects("mid")] == [survivor.pid]
+    counters = await rig.counters()
+    # the takeover is a *possible* duplicate: the handler was entered twice, its effect happened once
+    assert counters["dedup_takeovers"] == 1 == ledger.takeovers() == len(starts) - 1
+    assert ledger.duplicate_executions() == 0
+    assert (await rig.dedup_record("mid"))["f"] == "2"
+
+
+async def test_sigstop_past_the_lease_the_stale_owner_cannot_complete(rig: FaultRig) -> None:
+    """SIGSTOP longer than the lease: another consumer takes over; the resumed owner's completion is rejected."""
+    await rig.create_group()
+    stale = rig.spawn("c1")
+    await rig.produce([("frozen", {"action": "hang_before_effect"})])
+    await rig.wait(lambda: len(rig.ledger().starts("frozen")) == 1)
+    stale.sigstop()
+
+    fresh = rig.spawn("c2")
+    await rig.wait(lambda: any(s["pid"] == fresh.pid for s in rig.ledger().starts("frozen")))
+    rig.release()
+    await rig.wait(rig.settled)
+    assert [e["pid"] for e in rig.ledger().effects("frozen")] == [fresh.pid]
+
+    stale.sigcont()
+    await rig.wait(lambda: len(rig.ledger().effects("frozen")) == 2)
+    others = ok_messages("after", 6)
+    await rig.produce(others)
+    await rig.wait(lambda: rig.ledger().executed_ids() >= set(ids_of(others)))
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+
+    ledger = rig.ledger()
+    counters = await rig.counters()
+    assert counters["dedup_takeovers"] == 1 == ledger.takeovers()
+    assert counters["dedup_leases_lost"] == 1, "the stale owner's completion was refused"
+    assert ledger.duplicate_executions() == 1 == counters["dedup_takeovers"]
+    assert all(n == 1 for i, n in ledger.effect_counts().items() if i != "frozen")
+    record = await rig.dedup_record("frozen")
+    assert (record["s"], record["f"]) == ("c", "2"), "the record is the new owner's completion"
+    assert await rig.pending() == []
+
+
+async def test_sigterm_mid_batch_exits_in_time_and_acks_only_finished_work(rig: FaultRig) -> None:
+    """SIGTERM with work in flight: exit within the shutdown deadline; unfinished entries stay pending."""
+    await rig.create_group()
+    messages = [
+        (f"m{i}", {"action": "hang_before_effect" if i % 2 else "ok"}) for i in range(8)
+    ]  # fmt: skip
+    entries = dict(zip(ids_of(messages), await rig.produce(messages), strict=True))
+    hung = {mid for mid, payload in messages if payload["action"] == "hang_before_effect"}
+    first = rig.spawn(
+        "c1",
+        shutdown_timeout=1.0,
+        settings={"STREAMWARDEN_PROCESSING_TIMEOUT": "30", "STREAMWARDEN_DEDUP_LEASE": "60"},
+    )
+    await rig.wait(lambda: len(rig.ledger().effects()) == 4 and len(rig.ledger().starts()) == 8)
+    await rig.wait(lambda: _acked_count(rig, 4))
+
+    started = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    first.proc.wait(30)
+    elapsed = time.monotonic() - started
+    # deadline: the current XREADGROUP block (0.1 s) + shutdown_timeout (1 s) + releasing the leases
+    assert elapsed < 1.0 + 2.0, f"took {elapsed:.2f}s to stop"
+    assert "abandoned 4 in-flight messages" in first.stderr()
+    assert {p["entry"] for p in await rig.pending()} == {entries[mid] for mid in hung}
+    await rig.assert_no_unprocessed_acked()
+    for mid in hung:
+        assert (await rig.dedup_record(mid))["s"] == "r", "abandoned claims are released, not left to expire"
+
+    rig.release()
+    rig.spawn("c2")
+    await rig.wait(lambda: rig.ledger().executed_ids() == set(entries))
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+    ledger = rig.ledger()
+    assert ledger.duplicate_executions() == 0
+    assert (await rig.counters())["dedup_takeovers"] == 0
+
+
+async def _acked_count(rig: FaultRig, count: int) -> bool:
+    await rig.assert_no_unprocessed_acked()
+    return len(await rig.acked_message_ids()) == count
+
+
+async def test_kill_after_dlq_write_before_xack_does_not_dead_letter_twice(rig: FaultRig) -> None:
+    """kill -9 between the confirmed DLQ write and XACK: the redelivery neither re-runs nor re-dead-letters."""
+    await rig.create_group()
+    victim = rig.spawn("c1")
+    await rig.produce([("doomed", {"action": "fail_permanent", "die_before_ack": True})])
+    await rig.wait(lambda: not victim.alive())
+    assert len(await rig.dlq()) == 1, "dead-lettered, then killed before XACK"
+
+    rig.spawn("c2")
+    await rig.wait(rig.settled)
+    await rig.stop_all()
+    ledger = rig.ledger()
+    counters = await rig.counters()
+    assert len(await rig.dlq()) == 1
+    assert len(ledger.starts("doomed")) - 1 == counters["dedup_takeovers"]
