@@ -27,7 +27,7 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,6 +153,40 @@ def _signal(i: int, rng: random.Random, config: DemoConfig) -> dict[str, Any]:
     return message
 
 
+class _Workload:
+    """The stream's content: new signals and re-sends of recent ones, recorded in the report's ledger.
+
+    Deterministic for a seed (its own RNG), shared by the embedded and the Redis demo.
+    """
+
+    def __init__(self, config: DemoConfig, report: DemoReport) -> None:
+        self._config = config
+        self._report = report
+        self._rng = random.Random(config.seed)
+        self._recent: deque[dict[str, Any]] = deque(maxlen=500)
+        self._next = 0
+
+    def next_message(self) -> dict[str, Any] | None:
+        """The next message to produce, or ``None`` once ``config.messages`` signals exist (not live)."""
+        config, report, rng = self._config, self._report, self._rng
+        if not config.live and self._next >= config.messages:
+            return None
+        if self._recent and rng.random() < config.duplicate_ratio:
+            message = rng.choice(self._recent)
+            report.resent += 1
+        else:
+            message = _signal(self._next, rng, config)
+            self._next += 1
+            report.unique_ids += 1
+            if "id" in message:
+                report.produced_ids.add(message["id"])
+                self._recent.append(message)
+            else:
+                report.missing_ids += 1
+        report.produced += 1
+        return message
+
+
 class _Stream:
     """An in-process stream with redelivery: unacknowledged messages come back, counted."""
 
@@ -185,8 +219,7 @@ async def run_demo(
     control: Callable[[BrokerAPI, DemoReport], None] | None = None,
 ) -> DemoReport:
     """Run the workload; returns the report (``report.problems`` lists reconciliation failures)."""
-    rng = random.Random(config.seed)  # the stream's content: the same signals for the same seed
-    fault_rng = random.Random(config.seed + 1)  # the broker's latency and faults
+    fault_rng = random.Random(config.seed + 1)  # the broker's latency and faults (content: _Workload)
     settings = ReliabilitySettings(
         service_name=config.service_name,
         destination=config.destination,
@@ -210,41 +243,26 @@ async def run_demo(
         report.transitions.append((event.from_state, event.to_state))
 
     layer.circuit_breaker.add_transition_listener(on_transition)
-    resend_pool: list[dict[str, Any]] = []
+    workload = _Workload(config, report)
     started = time.monotonic()
     in_flight = 0
     done_producing = asyncio.Event()
 
     async def produce() -> None:
         interval = 1.0 / config.rate if config.rate > 0 else 0.0
-        i = 0
         next_at = time.monotonic()
         while not stop.is_set():
-            if not config.live and i >= config.messages:
-                break
             if config.max_seconds is not None and time.monotonic() - started >= config.max_seconds:
                 break
-            if resend_pool and rng.random() < config.duplicate_ratio:
-                message = rng.choice(resend_pool)
-                report.resent += 1
-            else:
-                message = _signal(i, rng, config)
-                i += 1
-                report.unique_ids += 1
-                if "id" in message:
-                    report.produced_ids.add(message["id"])
-                    resend_pool.append(message)
-                    if len(resend_pool) > 500:
-                        resend_pool.pop(0)
-                else:
-                    report.missing_ids += 1
-            report.produced += 1
+            message = workload.next_message()
+            if message is None:
+                break
             stream.queue.put_nowait(message)
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            elif i % 64 == 0:
+            elif report.produced % 64 == 0:
                 await asyncio.sleep(0)
         done_producing.set()
 
@@ -321,28 +339,14 @@ async def run_demo(
 
 
 def _reconcile(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:
-    """Zero loss and exactly-once execution, checked from the stream's ledger, not from the layer."""
+    """The embedded run: the ledger checks, plus missing ids and the in-process counters."""
     problems = report.problems
-    twice = sorted(mid for mid, count in broker.executed.items() if count > 1)
-    if twice:
-        problems.append(f"{len(twice)} signals executed more than once, e.g. {twice[:3]}")
-    lost = sorted(
-        mid for mid in report.produced_ids if mid not in broker.executed and mid not in dead_letter_ids
-    )
-    if lost:
-        problems.append(f"{len(lost)} signals neither executed nor dead-lettered, e.g. {lost[:3]}")
+    _reconcile_ledger(report, broker, dead_letter_ids)
     if dead_letter_ids.get(None, 0) != report.missing_ids:
         problems.append(
             f"{report.missing_ids} messages without id, {dead_letter_ids.get(None, 0)} in the DLQ"
         )
-    acked = sum(
-        report.outcomes.get(o.value, 0) for o in (Outcome.PROCESSED, Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
-    )
-    if acked != report.produced:
-        problems.append(f"acknowledged deliveries {acked} != produced messages {report.produced}")
     duplicates = report.outcomes.get(Outcome.DUPLICATE.value, 0)
-    if duplicates > report.resent:
-        problems.append(f"duplicates {duplicates} exceed re-sent signals {report.resent}")
     metrics = report.metrics
     expected = {
         "messages_processed_successfully": report.outcomes.get(Outcome.PROCESSED.value, 0),
@@ -445,7 +449,6 @@ async def run_redis_demo(
 
     from ._runner import RedisStreamConsumer, StreamProducer
 
-    rng = random.Random(config.seed)
     fault_rng = random.Random(config.seed + 1)
     run = uuid.uuid4().hex[:8]
     stream = f"streamwarden:demo:{config.destination}:{run}"
@@ -493,28 +496,14 @@ async def run_redis_demo(
     try:
         await runners[0].ensure_group()
         tasks = [asyncio.create_task(r.run()) for r in runners]
-        resend_pool: list[dict[str, Any]] = []
+        workload = _Workload(config, report)
         outage_at = config.messages * config.outage_start
         outage_until = config.messages * (config.outage_start + config.outage_length)
-        for i in range(config.messages):
-            if stop.is_set():
-                break
-            broker.outage = outage_at <= i < outage_until
-            if resend_pool and rng.random() < config.duplicate_ratio:
-                message = rng.choice(resend_pool)
-                report.resent += 1
-            else:
-                message = _signal(i, rng, config)
-                report.unique_ids += 1
-                if "id" in message:
-                    report.produced_ids.add(message["id"])
-                    resend_pool = [*resend_pool[-499:], message]
-                else:
-                    report.missing_ids += 1
-            report.produced += 1
+        while not stop.is_set() and (message := workload.next_message()) is not None:
+            broker.outage = outage_at <= report.produced < outage_until
             await producer.send(message, message_id=message.get("id"))
             await asyncio.sleep(1.0 / config.rate)
-            if on_progress is not None and i % 25 == 0:
+            if on_progress is not None and report.produced % 25 == 0:
                 on_progress(report, 0)
         broker.outage = False
         deadline = time.monotonic() + 120
@@ -540,7 +529,7 @@ async def run_redis_demo(
         entries = await layers[0].error_handler.dead_letters.list(stream, limit=report.produced + 1)
         for entry in entries:
             report.dlq_reasons[entry.reason] += 1
-        _reconcile_redis(report, broker, Counter(entry.message_id for entry in entries), stream)
+        _reconcile_ledger(report, broker, Counter(entry.message_id for entry in entries))
     finally:
         await client.delete(stream)
         await client.aclose()
@@ -551,10 +540,8 @@ def _as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _reconcile_redis(
-    report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None], stream: str
-) -> None:
-    """The Redis run's checks: nothing lost, nothing executed twice, every id accounted for."""
+def _reconcile_ledger(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:
+    """Zero loss and exactly-once execution, checked from the stream's ledger, not from the layer."""
     problems = report.problems
     twice = sorted(mid for mid, count in broker.executed.items() if count > 1)
     if twice:
@@ -568,4 +555,7 @@ def _reconcile_redis(
         report.outcomes.get(o.value, 0) for o in (Outcome.PROCESSED, Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
     )
     if acked != report.produced:
-        problems.append(f"acknowledged entries {acked} != produced entries {report.produced}")
+        problems.append(f"acknowledged deliveries {acked} != produced messages {report.produced}")
+    duplicates = report.outcomes.get(Outcome.DUPLICATE.value, 0)
+    if duplicates > report.resent:
+        problems.append(f"duplicates {duplicates} exceed re-sent signals {report.resent}")
