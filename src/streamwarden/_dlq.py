@@ -28,6 +28,7 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterStore",
     "InMemoryDeadLetterStore",
+    "entry_matches",
     "error_type_name",
     "format_traceback",
 ]
@@ -106,6 +107,24 @@ class DeadLetterEntry:
         if len(text) <= MAX_ERROR_MESSAGE_CHARS:
             return text
         return text[: MAX_ERROR_MESSAGE_CHARS - 15] + "...[truncated]"
+
+
+def entry_matches(
+    entry: DeadLetterEntry,
+    destination: str | None = None,
+    error_type: str | None = None,
+    error_class: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> bool:
+    """Whether ``entry`` passes the filters every store's ``list`` takes (``None`` filters nothing)."""
+    return (
+        (destination is None or entry.destination == destination)
+        and (error_type is None or entry.error_type == error_type)
+        and (error_class is None or entry.error_class == error_class)
+        and (since is None or entry.dead_lettered_at >= since)
+        and (until is None or entry.dead_lettered_at <= until)
+    )
 
 
 @runtime_checkable
@@ -191,17 +210,8 @@ class InMemoryDeadLetterStore:
         for entry in self._entries.values():
             if len(found) >= limit:
                 break
-            if destination is not None and entry.destination != destination:
-                continue
-            if error_type is not None and entry.error_type != error_type:
-                continue
-            if error_class is not None and entry.error_class != error_class:
-                continue
-            if since is not None and entry.dead_lettered_at < since:
-                continue
-            if until is not None and entry.dead_lettered_at > until:
-                continue
-            found.append(entry)
+            if entry_matches(entry, destination, error_type, error_class, since, until):
+                found.append(entry)
         return found
 
     async def count(self, destination: str | None = None) -> int:

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from ._dlq import DeadLetterEntry
+from ._dlq import DeadLetterEntry, entry_matches
 from ._exceptions import DeadLetterError, DeadLetterQueueFullError
 
 __all__ = [
@@ -404,13 +404,7 @@ class RedisDeadLetterStore:
                 if stop_ms is not None and ms > stop_ms:
                     return out
                 entry = self.decode(destination, stream_id, fields)
-                if error_type is not None and entry.error_type != error_type:
-                    continue
-                if error_class is not None and entry.error_class != error_class:
-                    continue
-                if since is not None and entry.dead_lettered_at < since:
-                    continue
-                if until is not None and entry.dead_lettered_at > until:
+                if not entry_matches(entry, None, error_type, error_class, since, until):
                     continue
                 out.append(((ms, seq), entry))
                 if len(out) >= limit:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import _names as n
-from ._dlq import DeadLetterEntry, DeadLetterStore
+from ._dlq import DeadLetterEntry, DeadLetterStore, entry_matches
 from ._envelope import Envelope
 from ._exceptions import CircuitOpenError
 from ._redis_dlq import OmittedPayload
@@ -251,7 +251,7 @@ class DeadLetterReplayer:
             entry = await self.store.get(entry_id)
             if entry is None:
                 missing.append(entry_id)
-            elif _matches(entry, destination, error_type, error_class, since, until):
+            elif entry_matches(entry, destination, error_type, error_class, since, until):
                 found.append(entry)
         return (found if limit is None else found[:limit]), missing
 
@@ -517,20 +517,3 @@ class DeadLetterReplayer:
                 n.ATTR_REPLAY_RESULT: str(item.result),
             },
         )
-
-
-def _matches(
-    entry: DeadLetterEntry,
-    destination: str | None,
-    error_type: str | None,
-    error_class: str | None,
-    since: float | None,
-    until: float | None,
-) -> bool:
-    return (
-        (destination is None or entry.destination == destination)
-        and (error_type is None or entry.error_type == error_type)
-        and (error_class is None or entry.error_class == error_class)
-        and (since is None or entry.dead_lettered_at >= since)
-        and (until is None or entry.dead_lettered_at <= until)
-    )
