@@ -26,6 +26,7 @@ from ._dlq import DeadLetterEntry as DeadLetterEntry
 from ._dlq import DeadLetterReason as DeadLetterReason
 from ._dlq import DeadLetterStore as DeadLetterStore
 from ._dlq import InMemoryDeadLetterStore as InMemoryDeadLetterStore
+from ._dlq import OmittedPayload as OmittedPayload
 from ._envelope import Envelope as Envelope
 from ._error_handler import ErrorHandler as ErrorHandler
 from ._exceptions import CircuitOpenError as CircuitOpenError
@@ -51,7 +52,6 @@ from ._redis_counters import RedisCounterStore as RedisCounterStore
 from ._redis_counters import run_periodic_flush as run_periodic_flush
 from ._redis_dedup import RedisDedupStore as RedisDedupStore
 from ._redis_dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
-from ._redis_dlq import OmittedPayload as OmittedPayload
 from ._redis_dlq import Redactor as Redactor
 from ._redis_dlq import RedisDeadLetterStore as RedisDeadLetterStore
 from ._replay import DeadLetterReplayer as DeadLetterReplayer

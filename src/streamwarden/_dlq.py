@@ -28,6 +28,7 @@ __all__ = [
     "DeadLetterReason",
     "DeadLetterStore",
     "InMemoryDeadLetterStore",
+    "OmittedPayload",
     "entry_matches",
     "error_type_name",
     "format_traceback",
@@ -65,6 +66,19 @@ def format_traceback(error: BaseException, max_chars: int) -> str:
     if max_chars <= len(marker):
         return text[len(text) - max_chars :]
     return marker + text[len(text) - (max_chars - len(marker)) :]
+
+
+@dataclass(frozen=True, slots=True)
+class OmittedPayload:
+    """Stands in for a payload the entry does not hold; such an entry cannot be replayed.
+
+    ``reason`` is ``oversize`` (larger than ``max_payload_bytes`` once encoded) or ``not_json`` (JSON
+    cannot encode it; ``preview`` holds its ``repr``). ``size`` is the encoded size in bytes.
+    """
+
+    reason: str
+    size: int
+    preview: str = ""
 
 
 @dataclass(frozen=True, slots=True)

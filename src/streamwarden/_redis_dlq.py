@@ -41,12 +41,11 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from ._dlq import DeadLetterEntry, entry_matches
+from ._dlq import DeadLetterEntry, OmittedPayload, entry_matches
 from ._exceptions import DeadLetterError, DeadLetterQueueFullError
 
 __all__ = [
@@ -96,19 +95,6 @@ _PAGE = 256
 # stream range widened by this much, then filter exactly on ``dead_lettered_at``.
 _CLOCK_SKEW_ALLOWANCE_MS: Final = 3_600_000
 _MAX_PREVIEW_CHARS: Final = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class OmittedPayload:
-    """Stands in for a payload the entry does not hold; such an entry cannot be replayed.
-
-    ``reason`` is ``oversize`` (larger than ``max_payload_bytes`` once encoded) or ``not_json`` (JSON
-    cannot encode it; ``preview`` holds its ``repr``). ``size`` is the encoded size in bytes.
-    """
-
-    reason: str
-    size: int
-    preview: str = ""
 
 
 def safe_key_part(name: str) -> str:

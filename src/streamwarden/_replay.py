@@ -45,10 +45,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import _names as n
-from ._dlq import DeadLetterEntry, DeadLetterStore, entry_matches
+from ._dlq import DeadLetterEntry, DeadLetterStore, OmittedPayload, entry_matches
 from ._envelope import Envelope
 from ._exceptions import CircuitOpenError
-from ._redis_dlq import OmittedPayload
 
 if TYPE_CHECKING:
     from ._layer import ProcessResult, ReliabilityLayer
