@@ -55,7 +55,7 @@ import redis.asyncio
 import redis
 from _common import FunctionCase, environment, load_average, markdown_table, measure, print_table
 from streamwarden import ClaimStatus, Lease, ReliabilityLayer, ReliabilitySettings
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 DEFAULT_COUNT = 5_000
 QUICK_COUNT = 300

@@ -183,7 +183,7 @@ def seed_case(client: redis.asyncio.Redis, *, telemetry: bool) -> Callable[[int]
 
 def runner_case(client: redis.asyncio.Redis, *, deferred: bool) -> Callable[[int], Awaitable[float]]:
     from streamwarden import ReliabilityLayer, ReliabilitySettings
-    from streamwarden._runner import RedisStreamConsumer
+    from streamwarden._runners._redis_streams import RedisStreamConsumer
 
     layer = ReliabilityLayer(
         client, ReliabilitySettings(service_name="bench-runner", dedup_defer_completions=deferred)

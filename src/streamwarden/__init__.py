@@ -15,9 +15,12 @@ from ._breaker import BreakerTransition as BreakerTransition
 from ._breaker import CircuitBreaker as CircuitBreaker
 from ._classify import ErrorClass as ErrorClass
 from ._classify import ErrorClassifier as ErrorClassifier
+from ._compat import DeduplicationManager as DeduplicationManager
+from ._compat import MetricsCollector as MetricsCollector
+from ._counters import CounterStore as CounterStore
+from ._dead_letters import ErrorHandler as ErrorHandler
 from ._dedup import ClaimResult as ClaimResult
 from ._dedup import ClaimStatus as ClaimStatus
-from ._dedup import DeduplicationManager as DeduplicationManager
 from ._dedup import DedupPolicy as DedupPolicy
 from ._dedup import DedupStore as DedupStore
 from ._dedup import InMemoryDedupStore as InMemoryDedupStore
@@ -28,7 +31,6 @@ from ._dlq import DeadLetterStore as DeadLetterStore
 from ._dlq import InMemoryDeadLetterStore as InMemoryDeadLetterStore
 from ._dlq import OmittedPayload as OmittedPayload
 from ._envelope import Envelope as Envelope
-from ._error_handler import ErrorHandler as ErrorHandler
 from ._exceptions import CircuitOpenError as CircuitOpenError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import DeadLetterError as DeadLetterError
@@ -45,15 +47,16 @@ from ._layer import Outcome as Outcome
 from ._layer import ProcessResult as ProcessResult
 from ._layer import ReliabilityLayer as ReliabilityLayer
 from ._layer import current_lease as current_lease
-from ._metrics import CounterStore as CounterStore
-from ._metrics import MetricsCollector as MetricsCollector
-from ._redis_counters import CounterFlusher as CounterFlusher
-from ._redis_counters import RedisCounterStore as RedisCounterStore
-from ._redis_counters import run_periodic_flush as run_periodic_flush
-from ._redis_dedup import RedisDedupStore as RedisDedupStore
-from ._redis_dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
-from ._redis_dlq import Redactor as Redactor
-from ._redis_dlq import RedisDeadLetterStore as RedisDeadLetterStore
+from ._redis import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
+from ._redis import CounterFlusher as CounterFlusher
+from ._redis import Redactor as Redactor
+from ._redis import RedisCounterStore as RedisCounterStore
+from ._redis import RedisDeadLetterStore as RedisDeadLetterStore
+from ._redis import RedisDedupStore as RedisDedupStore
+from ._redis import SharedBreakerState as SharedBreakerState
+from ._redis import SharedBreakerSync as SharedBreakerSync
+from ._redis import read_shared_breakers as read_shared_breakers
+from ._redis import run_periodic_flush as run_periodic_flush
 from ._replay import DeadLetterReplayer as DeadLetterReplayer
 from ._replay import ReplayItem as ReplayItem
 from ._replay import ReplayReport as ReplayReport
@@ -61,14 +64,11 @@ from ._replay import ReplayResult as ReplayResult
 from ._retry import Retrier as Retrier
 from ._retry import RetryDetails as RetryDetails
 from ._retry import RetryPolicy as RetryPolicy
-from ._runner import ConsumerStats as ConsumerStats
-from ._runner import Health as Health
-from ._runner import RedisStreamConsumer as RedisStreamConsumer
-from ._runner import StreamProducer as StreamProducer
+from ._runners import ConsumerStats as ConsumerStats
+from ._runners import Health as Health
+from ._runners import RedisStreamConsumer as RedisStreamConsumer
+from ._runners import StreamProducer as StreamProducer
 from ._settings import ReliabilitySettings as ReliabilitySettings
-from ._shared_breaker import SharedBreakerState as SharedBreakerState
-from ._shared_breaker import SharedBreakerSync as SharedBreakerSync
-from ._shared_breaker import read_shared_breakers as read_shared_breakers
 from ._telemetry import configure_telemetry as configure_telemetry
 
 __all__ = [

@@ -29,14 +29,15 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "ClaimResult",
     "ClaimStatus",
+    "ClosableStore",
     "DedupPolicy",
     "DedupStore",
-    "DeduplicationManager",
+    "EvictionCheckedStore",
     "InMemoryDedupStore",
     "Lease",
     "LocalDedupStore",
@@ -146,6 +147,24 @@ class LocalDedupStore(DedupStore, Protocol):
 
     def complete_nowait(self, lease: Lease, ttl_seconds: float, fingerprint: str | None = None) -> bool:
         """Synchronous :meth:`DedupStore.complete`."""
+        ...
+
+
+@runtime_checkable
+class ClosableStore(Protocol):
+    """A store that buffers work (deferred completions) and flushes it on :meth:`aclose`."""
+
+    async def aclose(self) -> None:
+        """Flush what is buffered; the underlying client stays open."""
+        ...
+
+
+@runtime_checkable
+class EvictionCheckedStore(Protocol):
+    """A store whose records an external server could evict; it can check the server's policy."""
+
+    async def check_eviction_policy(self, *, refuse: bool = False) -> str | None:
+        """A warning when records can be evicted (raises ``ConfigurationError`` with ``refuse``)."""
         ...
 
 
@@ -315,68 +334,3 @@ class InMemoryDedupStore:
 def _owner_prefix() -> str:
     """A process-unique owner prefix: pid and 48 random bits."""
     return f"{os.getpid():x}-{os.urandom(6).hex()}-"
-
-
-class DeduplicationManager:
-    """Seed-compatible front of a :class:`DedupStore`.
-
-    ``is_duplicate`` / ``mark_processed`` keep the seed's check-then-mark calls working; the layer uses
-    the atomic ``claim`` -> ``complete`` / ``release`` calls.
-    ``redis_client=None`` selects :class:`InMemoryDedupStore`.
-    """
-
-    def __init__(
-        self,
-        redis_client: Any = None,
-        *,
-        ttl: float = 3600,
-        lease: float = 120.0,
-        store: DedupStore | None = None,
-        key_prefix: str = "streamwarden",
-        policy: DedupPolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        store_options: dict[str, Any] | None = None,
-    ) -> None:
-        self.policy = policy or DedupPolicy(ttl=float(ttl), lease=float(lease))
-        self.ttl = self.policy.ttl
-        self.redis_client = redis_client
-        if store is None:
-            if redis_client is not None:
-                from ._stores import redis_dedup_store
-
-                store = redis_dedup_store(redis_client, key_prefix=key_prefix, **(store_options or {}))
-            else:
-                store = InMemoryDedupStore(clock=clock)
-        self.store: DedupStore = store
-
-    async def is_duplicate(self, message_id: str) -> bool:
-        """Whether ``message_id`` has already been processed (seed API; prefer :meth:`claim`)."""
-        return await self.store.is_completed(message_id)
-
-    async def mark_processed(self, message_id: str) -> None:
-        """Remember ``message_id`` as processed for the TTL (seed API; prefer :meth:`complete`)."""
-        await self.store.mark_completed(message_id, self.ttl)
-
-    async def claim(self, message_id: str, *, fingerprint: str | None = None) -> ClaimResult:
-        """Atomically claim ``message_id`` for the policy's lease."""
-        return await self.store.claim(message_id, self.policy.lease, fingerprint)
-
-    async def claim_many(
-        self, message_ids: Sequence[str], *, fingerprints: Sequence[str | None] | None = None
-    ) -> list[ClaimResult]:
-        """Claim a batch of ids in one store round trip."""
-        return await self.store.claim_many(message_ids, self.policy.lease, fingerprints)
-
-    async def complete(self, lease: Lease, *, fingerprint: str | None = None) -> bool:
-        """Complete a claim (owner-checked) for the policy's TTL."""
-        return await self.store.complete(lease, self.ttl, fingerprint)
-
-    async def release(self, lease: Lease) -> bool:
-        """Release a claim (owner-checked) so the id can be processed again."""
-        return await self.store.release(lease)
-
-    async def aclose(self) -> None:
-        """Flush what the store buffers (deferred completions); the Redis client stays open."""
-        close = getattr(self.store, "aclose", None)
-        if close is not None:
-            await close()

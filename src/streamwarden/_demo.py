@@ -36,6 +36,7 @@ from typing import Any
 from ._breaker import BreakerTransition
 from ._envelope import Envelope
 from ._layer import Outcome, ReliabilityLayer
+from ._redis._wire import as_text
 from ._settings import ReliabilitySettings
 
 __all__ = ["DemoConfig", "DemoReport", "run_demo", "run_redis_demo"]
@@ -333,7 +334,7 @@ async def run_demo(
     report.metrics = await layer.metrics_collector.get_reliability_metrics()
     report.retries = int(report.metrics.get("retry_attempts", 0))
     if not config.live:
-        entries = await layer.error_handler.dead_letters.list(limit=report.produced + 1)
+        entries = await layer.dead_letter_store.list(limit=report.produced + 1)
         _reconcile(report, broker, Counter(entry.message_id for entry in entries))
     return report
 
@@ -447,7 +448,7 @@ async def run_redis_demo(
 
     import redis.asyncio
 
-    from ._runner import RedisStreamConsumer, StreamProducer
+    from ._runners._redis_streams import RedisStreamConsumer, StreamProducer
 
     fault_rng = random.Random(config.seed + 1)
     run = uuid.uuid4().hex[:8]
@@ -509,7 +510,7 @@ async def run_redis_demo(
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not stop.is_set():
             info = await client.xpending(stream, "demo")
-            lag = [g for g in await client.xinfo_groups(stream) if _as_text(g.get("name")) == "demo"]
+            lag = [g for g in await client.xinfo_groups(stream) if as_text(g.get("name")) == "demo"]
             if int(info["pending"]) == 0 and lag and int(lag[0].get("lag") or 0) == 0:
                 break
             await asyncio.sleep(0.1)
@@ -526,7 +527,7 @@ async def run_redis_demo(
             await layer.aclose()
         report.metrics = await layers[0].metrics_collector.get_reliability_metrics()
         report.retries = int(report.metrics.get("retry_attempts", 0))
-        entries = await layers[0].error_handler.dead_letters.list(stream, limit=report.produced + 1)
+        entries = await layers[0].dead_letter_store.list(stream, limit=report.produced + 1)
         for entry in entries:
             report.dlq_reasons[entry.reason] += 1
         _reconcile_ledger(report, broker, Counter(entry.message_id for entry in entries))
@@ -534,10 +535,6 @@ async def run_redis_demo(
         await client.delete(stream)
         await client.aclose()
     return report
-
-
-def _as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _reconcile_ledger(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:

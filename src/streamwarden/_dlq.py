@@ -17,7 +17,7 @@ import builtins
 import itertools
 import time
 import traceback as tb_module
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,11 +27,15 @@ __all__ = [
     "DeadLetterEntry",
     "DeadLetterReason",
     "DeadLetterStore",
+    "DepthRefreshing",
+    "DepthReporting",
     "InMemoryDeadLetterStore",
     "OmittedPayload",
+    "ReplacingStore",
     "entry_matches",
     "error_type_name",
     "format_traceback",
+    "tail_text",
 ]
 
 MAX_ERROR_MESSAGE_CHARS = 2048
@@ -55,17 +59,24 @@ def error_type_name(error: BaseException) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
-def format_traceback(error: BaseException, max_chars: int) -> str:
-    """The formatted traceback of ``error``, keeping its last ``max_chars`` characters (the cause end)."""
+def tail_text(text: str, max_chars: int) -> str:
+    """``text`` cut to its last ``max_chars`` characters (the end of a traceback names the cause),
+    behind a ``...[truncated]...`` marker when the limit leaves room for it; never longer than the limit."""
     if max_chars <= 0:
         return ""
-    text = "".join(tb_module.format_exception(error))
     if len(text) <= max_chars:
         return text
     marker = "...[truncated]...\n"
     if max_chars <= len(marker):
         return text[len(text) - max_chars :]
     return marker + text[len(text) - (max_chars - len(marker)) :]
+
+
+def format_traceback(error: BaseException, max_chars: int) -> str:
+    """The formatted traceback of ``error``, keeping its last ``max_chars`` characters (the cause end)."""
+    if max_chars <= 0:
+        return ""
+    return tail_text("".join(tb_module.format_exception(error)), max_chars)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +191,33 @@ class DeadLetterStore(Protocol):
 
     async def destinations(self) -> builtins.list[str]:
         """Destinations that currently have entries."""
+        ...
+
+
+@runtime_checkable
+class DepthReporting(Protocol):
+    """A store that knows its depth per destination without I/O (safe inside a metric callback)."""
+
+    def depths(self) -> dict[str, int]:
+        """Destination -> number of entries."""
+        ...
+
+
+@runtime_checkable
+class DepthRefreshing(Protocol):
+    """A shared store whose depth cache must be re-read to see other processes' writes."""
+
+    async def refresh_depths(self) -> dict[str, int]:
+        """Re-read the depth of every destination."""
+        ...
+
+
+@runtime_checkable
+class ReplacingStore(Protocol):
+    """A store that can append one entry and delete others in one atomic step."""
+
+    async def replace(self, entry: DeadLetterEntry, remove: Sequence[str]) -> str:
+        """Append ``entry``, delete ``remove``; returns the new entry's id."""
         ...
 
 

@@ -38,10 +38,11 @@ from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 from . import _names as n
 from ._breaker import BreakerRegistry, BreakerTransition, CircuitBreaker
 from ._classify import ErrorClass, ErrorClassifier
-from ._dedup import ClaimResult, ClaimStatus, DeduplicationManager, DedupStore, Lease, LocalDedupStore
+from ._compat import DeduplicationManager, MetricsCollector
+from ._dead_letters import ErrorHandler
+from ._dedup import ClaimResult, ClaimStatus, DedupStore, EvictionCheckedStore, Lease, LocalDedupStore
 from ._dlq import DeadLetterEntry, DeadLetterReason, DeadLetterStore, error_type_name
 from ._envelope import Envelope, canonical_fingerprint, envelope_from_message
-from ._error_handler import ErrorHandler
 from ._exceptions import (
     CircuitOpenError,
     DeadLetterError,
@@ -51,7 +52,7 @@ from ._exceptions import (
     MessageInProgressError,
     PoisonMessageError,
 )
-from ._metrics import MetricsCollector
+from ._redis import RedisDeadLetterStore
 from ._retry import Retrier, RetryDetails
 from ._settings import ReliabilitySettings
 from ._telemetry import DestinationTelemetry, telemetry_for
@@ -183,8 +184,6 @@ class ReliabilityLayer:
             settings.service_name, tracer_provider=tracer_provider, meter_provider=meter_provider
         )
         if dead_letter_store is None and redis_client is not None:
-            from ._stores import redis_dead_letter_store
-
             options: dict[str, Any] = {
                 "max_payload_bytes": settings.dlq_max_payload_bytes,
                 "max_entries_per_destination": settings.dlq_max_entries_per_destination,
@@ -192,9 +191,7 @@ class ReliabilityLayer:
             }
             if settings.dlq_redact_patterns is not None:
                 options["redact_patterns"] = settings.dlq_redact_patterns
-            dead_letter_store = redis_dead_letter_store(
-                redis_client, key_prefix=settings.key_prefix, **options
-            )
+            dead_letter_store = RedisDeadLetterStore(redis_client, key_prefix=settings.key_prefix, **options)
         self.deduplication_manager = DeduplicationManager(
             redis_client,
             policy=settings.dedup_policy(),
@@ -243,6 +240,16 @@ class ReliabilityLayer:
             store, "complete"
         )
 
+    @property
+    def dedup_store(self) -> DedupStore:
+        """The dedup store this layer claims and completes ids in."""
+        return self._dedup_store
+
+    @property
+    def dead_letter_store(self) -> DeadLetterStore:
+        """The dead-letter store failed messages are written to."""
+        return self.error_handler.dead_letters
+
     # --- wiring -----------------------------------------------------------------------------------
     def _watch_breaker(self, breaker: CircuitBreaker) -> None:
         self.telemetry.watch_breaker(breaker)
@@ -278,9 +285,10 @@ class ReliabilityLayer:
         raises :class:`~streamwarden.ConfigurationError` instead.
         """
         warnings: list[str] = []
-        check = getattr(self._dedup_store, "check_eviction_policy", None)
-        if check is not None:
-            problem = await check(refuse=self.settings.dedup_refuse_evicting_redis)
+        if isinstance(self._dedup_store, EvictionCheckedStore):
+            problem = await self._dedup_store.check_eviction_policy(
+                refuse=self.settings.dedup_refuse_evicting_redis
+            )
             if problem:
                 warnings.append(problem)
         return warnings
@@ -389,7 +397,7 @@ class ReliabilityLayer:
                 return await self._reject_invalid(message, unreadable, dt, started)
             mid, headers, delivery = env.id, env.headers, env.delivery_count
         telemetry = self.telemetry
-        if telemetry._tracing_on or telemetry.tracing_enabled():
+        if telemetry.tracing_on or telemetry.tracing_enabled():
             span = telemetry.start_process_span(dt, mid, delivery, headers)
             token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
         else:  # no SDK: skip the API's no-op span machinery entirely

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from . import _names as n
-from ._dlq import DeadLetterEntry, DeadLetterStore, OmittedPayload, entry_matches
+from ._dlq import DeadLetterEntry, DeadLetterStore, OmittedPayload, ReplacingStore, entry_matches
 from ._envelope import Envelope
 from ._exceptions import CircuitOpenError
 
@@ -195,7 +195,7 @@ def replay_headers(headers: Mapping[str, Any], entry_id: str) -> dict[str, str]:
 class DeadLetterReplayer:
     """Re-runs dead letters from ``store`` through ``layer`` (see the module docstring).
 
-    ``store`` should be the layer's own dead-letter store (``layer.error_handler.dead_letters``), so a
+    ``store`` should be the layer's own dead-letter store (``layer.dead_letter_store``), so a
     re-failure lands where the replayed entry was; a different store is refused.
     """
 
@@ -209,7 +209,7 @@ class DeadLetterReplayer:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        own = layer.error_handler.dead_letters
+        own = layer.dead_letter_store
         if store is None:
             store = own
         elif store is not own:
@@ -326,7 +326,7 @@ class DeadLetterReplayer:
         forgotten and the entry replayed.
         """
         assert entry.message_id is not None
-        store = self.layer.deduplication_manager.store
+        store = self.layer.dedup_store
         if not await store.is_completed(entry.message_id):
             return False
         window = self.layer.deduplication_manager.policy.lease
@@ -395,7 +395,7 @@ class DeadLetterReplayer:
         if await self._is_completed(entry):
             if not force:
                 return self._item(entry, ReplayResult.SKIPPED_DUPLICATE, "id already completed; not executed")
-            await self.layer.deduplication_manager.store.forget(entry.message_id)
+            await self.layer.dedup_store.forget(entry.message_id)
         envelope = Envelope(
             id=entry.message_id,
             payload=entry.payload,
@@ -458,10 +458,9 @@ class DeadLetterReplayer:
         )
         error = f"failed again: {new.error_type}: {new.error_message}"
         remove = [new.entry_id, old.entry_id]
-        replace_entries = getattr(self.store, "replace", None)
         try:
-            if callable(replace_entries) and old.destination == new.destination:
-                merged_id = await replace_entries(merged, remove)
+            if isinstance(self.store, ReplacingStore) and old.destination == new.destination:
+                merged_id = await self.store.replace(merged, remove)
             else:
                 merged_id = await self.store.add(merged)
                 for entry_id in remove:

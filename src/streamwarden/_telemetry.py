@@ -135,7 +135,7 @@ class Telemetry:
         self.tracer = trace.get_tracer(n.INSTRUMENTATION_NAME, _VERSION, tracer_provider=tracer_provider)
         self._tracer_provider = tracer_provider
         #: True once tracing is known to be on (read directly on the hot path; see tracing_enabled)
-        self._tracing_on = False
+        self.tracing_on = False
         meter = metrics.get_meter(n.INSTRUMENTATION_NAME, _VERSION, meter_provider=meter_provider)
         self.meter = meter
         self._destinations: dict[tuple[str, str | None, str], DestinationTelemetry] = {}
@@ -299,14 +299,14 @@ class Telemetry:
         Without one the API hands out no-op spans anyway; asking first skips ~1 µs of no-op work per
         message. Checked on every call, so an SDK configured after the layer was built is picked up.
         """
-        if self._tracing_on:
+        if self.tracing_on:
             return True
         provider: object = self._tracer_provider
         if provider is None:
             provider = _global_tracer_provider()
         # A global provider, once set, cannot be replaced (the API forbids it): cache a yes for good.
-        self._tracing_on = not isinstance(provider, _NOOP_TRACER_PROVIDERS)
-        return self._tracing_on
+        self.tracing_on = not isinstance(provider, _NOOP_TRACER_PROVIDERS)
+        return self.tracing_on
 
     def start_process_span(
         self, dt: DestinationTelemetry, message_id: str, delivery: int, headers: Mapping[str, str]

@@ -18,7 +18,7 @@ import streamwarden as sw
 from _redis_server import RedisServer
 from _support import eventually
 from streamwarden._dedup import Lease
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 
 class GatedCompletions(RedisDedupStore):

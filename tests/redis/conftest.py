@@ -25,7 +25,7 @@ if _REDIS_TESTS_DIR not in sys.path:
     sys.path.insert(0, _REDIS_TESTS_DIR)
 
 from _redis_server import RedisServer  # noqa: E402
-from streamwarden._redis_dedup import RedisDedupStore  # noqa: E402
+from streamwarden._redis._dedup import RedisDedupStore  # noqa: E402
 
 _HOST = "127.0.0.1"
 _CLUSTER_NODES = 3

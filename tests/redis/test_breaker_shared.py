@@ -12,7 +12,7 @@ from _fixtures_dlq import Handler, commands_processed, make_layer, wait_until
 
 from streamwarden import BreakerPolicy, BreakerRegistry, CircuitOpenError, InMemoryDeadLetterStore, Outcome
 from streamwarden._classify import ErrorClass
-from streamwarden._shared_breaker import SharedBreakerSync, read_shared_breakers
+from streamwarden._redis._breaker import SharedBreakerSync, read_shared_breakers
 
 
 class Clock:

@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 from streamwarden import BreakerPolicy, BreakerRegistry, MetricsCollector
 from streamwarden import _names as n
 from streamwarden._classify import ErrorClass
-from streamwarden._cli_ops import DEFAULT_TRACE_URL_TEMPLATE, parse_time, register, trace_url
-from streamwarden._redis_dlq import RedisDeadLetterStore
-from streamwarden._shared_breaker import SharedBreakerSync
+from streamwarden._cli._ops import DEFAULT_TRACE_URL_TEMPLATE, parse_time, register, trace_url
+from streamwarden._redis._breaker import SharedBreakerSync
+from streamwarden._redis._dlq import RedisDeadLetterStore
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from streamwarden import (
     ReliabilitySettings,
 )
 from streamwarden import _names as n
-from streamwarden._redis_counters import CounterFlusher, RedisCounterStore, run_periodic_flush
+from streamwarden._redis._counters import CounterFlusher, RedisCounterStore, run_periodic_flush
 
 
 def test_store_satisfies_the_protocol(redis_client: redis.asyncio.Redis) -> None:

@@ -10,7 +10,7 @@ import redis.asyncio
 from redis.crc import key_slot
 
 from streamwarden import ClaimStatus, Outcome, ReliabilityLayer, ReliabilitySettings
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 StoreFactory = Callable[..., RedisDedupStore]
 LeaseExpiry = Callable[..., Awaitable[None]]

@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus, Outcome, ReliabilityLayer, ReliabilitySettings
 from streamwarden import _names as n
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
 StoreFactory = Callable[..., RedisDedupStore]

@@ -22,7 +22,7 @@ from redis.backoff import NoBackoff
 
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus
-from streamwarden._redis_dedup import _SHA, RedisDedupStore, _pack
+from streamwarden._redis._dedup import _SHA, RedisDedupStore, _pack
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
 StoreFactory = Callable[..., RedisDedupStore]

@@ -20,7 +20,7 @@ from streamwarden import (
     current_lease,
 )
 from streamwarden import _names as n
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
 StoreFactory = Callable[..., RedisDedupStore]

@@ -15,7 +15,7 @@ import redis.exceptions
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus, ConfigurationError, DedupStore
 from streamwarden._dedup import LocalDedupStore
-from streamwarden._redis_dedup import RedisDedupStore
+from streamwarden._redis._dedup import RedisDedupStore
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
 StoreFactory = Callable[..., RedisDedupStore]

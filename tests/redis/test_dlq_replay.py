@@ -15,8 +15,8 @@ from opentelemetry.trace import SpanKind
 
 from streamwarden import Envelope, InMemoryDeadLetterStore, Outcome
 from streamwarden import _names as n
-from streamwarden._cli_ops import register
-from streamwarden._redis_dlq import OmittedPayload, RedisDeadLetterStore
+from streamwarden._cli._ops import register
+from streamwarden._redis._dlq import OmittedPayload, RedisDeadLetterStore
 from streamwarden._replay import (
     HEADER_REPLAY_COUNT,
     HEADER_REPLAY_OF,

@@ -11,7 +11,7 @@ import redis.asyncio
 from _fixtures_dlq import entry
 
 from streamwarden import DeadLetterError, DeadLetterQueueFullError, DeadLetterStore
-from streamwarden._redis_dlq import (
+from streamwarden._redis._dlq import (
     REDACTED,
     OmittedPayload,
     Redactor,

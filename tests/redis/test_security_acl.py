@@ -23,9 +23,9 @@ from streamwarden import (
     ReliabilitySettings,
 )
 from streamwarden import _names as n
-from streamwarden._redis_dlq import RedisDeadLetterStore
+from streamwarden._redis._breaker import SharedBreakerSync, read_shared_breakers
+from streamwarden._redis._dlq import RedisDeadLetterStore
 from streamwarden._replay import DeadLetterReplayer, ReplayResult
-from streamwarden._shared_breaker import SharedBreakerSync, read_shared_breakers
 
 PASSWORD = "s3cret-pw"
 
@@ -70,7 +70,7 @@ async def test_least_privilege_user_runs_every_feature(least_privileged: redis.a
     handler = Handler(fail=True)
     result = await layer.process({"id": "acl-1"}, handler)
     assert result.outcome is Outcome.DEAD_LETTERED
-    store = layer.error_handler.dead_letters
+    store = layer.dead_letter_store
     assert isinstance(store, RedisDeadLetterStore)
     assert await store.count() == 1
     assert await store.refresh_depths() == {"default": 1}

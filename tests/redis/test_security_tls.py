@@ -19,8 +19,8 @@ from redis.backoff import NoBackoff
 
 from _redis_server import RedisServer, _free_port
 from streamwarden import Outcome, ReliabilityLayer, ReliabilitySettings
-from streamwarden._cli_ops import register
-from streamwarden._redis_dlq import RedisDeadLetterStore
+from streamwarden._cli._ops import register
+from streamwarden._redis._dlq import RedisDeadLetterStore
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ async def test_verified_tls_connection_runs_the_dlq(tls_client: redis.asyncio.Re
     layer = ReliabilityLayer(tls_client, ReliabilitySettings(max_retries=0, processing_timeout=None))
     result = await layer.process({"id": "tls-1"}, Handler(fail=True))
     assert result.outcome is Outcome.DEAD_LETTERED
-    store = layer.error_handler.dead_letters
+    store = layer.dead_letter_store
     assert isinstance(store, RedisDeadLetterStore)
     [stored] = await store.list()
     assert stored.message_id == "tls-1"

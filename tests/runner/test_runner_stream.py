@@ -14,7 +14,7 @@ import redis.asyncio
 import streamwarden as sw
 from _support import Otel, eventually
 from streamwarden import _names as n
-from streamwarden._runner import RedisStreamConsumer, StreamProducer
+from streamwarden._runners._redis_streams import RedisStreamConsumer, StreamProducer
 
 MakeLayer = Callable[..., sw.ReliabilityLayer]
 
@@ -99,7 +99,7 @@ async def test_failed_message_is_dead_lettered_then_acknowledged(
     consumer = make_consumer(client, stream, layer, handler)
     async with running(consumer):
         await eventually(lambda: consumer.stats.acked == 2)
-    (entry,) = await layer.error_handler.dead_letters.list()
+    (entry,) = await layer.dead_letter_store.list()
     assert entry.message_id == "bad"
     assert entry.source_ref is not None
     assert entry.destination == stream
@@ -176,7 +176,7 @@ async def test_poison_by_delivery_count_from_the_pending_list(
     async with running(consumer):
         await eventually(lambda: consumer.stats.acked == 1)
     assert runs == 0
-    (entry,) = await layer.error_handler.dead_letters.list()
+    (entry,) = await layer.dead_letter_store.list()
     assert (entry.reason, entry.delivery_count) == ("poison", 5)
 
 
@@ -229,7 +229,7 @@ async def test_open_breaker_pauses_reading_and_resumes(
         outage = False
         await eventually(lambda: len(done) == 30)
         await eventually(lambda: consumer.stats.acked == 30)
-    assert await layer.error_handler.dead_letters.count() == 0
+    assert await layer.dead_letter_store.count() == 0
     assert await pending(client, stream) == 0
 
 

@@ -90,7 +90,7 @@ async def test_retries_exhausted_dead_letters_and_reraises_the_original(make_lay
     with pytest.raises(ConnectionError) as caught:
         await layer.process_message_reliably(message={"id": "r2", "data": 1}, processor_func=processor)
     assert caught.value is errors[-1]
-    entries = await layer.error_handler.dead_letters.list()
+    entries = await layer.dead_letter_store.list()
     assert len(entries) == 1
     entry = entries[0]
     assert (entry.message_id, entry.attempts, entry.error_class, entry.error_type) == (
@@ -140,7 +140,7 @@ async def test_dead_lettered_id_is_a_duplicate_for_one_lease_then_free(
     assert (await layer.process({"id": "x"}, processor)).outcome is sw.Outcome.DEAD_LETTERED
     assert (await layer.process({"id": "x"}, processor)).outcome is sw.Outcome.DUPLICATE
     assert processor.calls == 1  # type: ignore[attr-defined]
-    assert await layer.error_handler.dead_letters.count() == 1
+    assert await layer.dead_letter_store.count() == 1
     clock.advance(61)
     assert not await layer.deduplication_manager.is_duplicate("x")
     assert (await layer.process({"id": "x"}, ok)).outcome is sw.Outcome.PROCESSED
@@ -171,7 +171,7 @@ async def test_breaker_opening_during_retries_defers_the_message(make_layer: Mak
     result = await layer.process({"id": "m"}, processor)
     assert result.outcome is sw.Outcome.DEFERRED
     assert processor.calls == 2  # type: ignore[attr-defined]
-    assert await layer.error_handler.dead_letters.count() == 0
+    assert await layer.dead_letter_store.count() == 0
 
 
 async def test_timeout_is_a_transient_error(make_layer: MakeLayer) -> None:
@@ -362,7 +362,7 @@ async def test_sync_processor_is_a_clear_error_and_loses_nothing(make_layer: Mak
     assert result.outcome is sw.Outcome.FAILED
     assert isinstance(result.error, sw.InvalidProcessorError)
     assert "async def" in str(result.error)
-    assert await layer.error_handler.dead_letters.count() == 0
+    assert await layer.dead_letter_store.count() == 0
     with pytest.raises(TypeError):
         await layer.process_message_reliably(message={"id": "s"}, processor_func=sync_handler)  # type: ignore[arg-type]
     assert (await layer.process({"id": "s"}, ok)).outcome is sw.Outcome.PROCESSED
@@ -389,7 +389,7 @@ async def test_dlq_disabled_fails_the_message(make_layer: MakeLayer) -> None:
     layer = make_layer(dlq_enabled=False)
     result = await layer.process({"id": "z"}, failing([ValueError("bad")]))
     assert result.outcome is sw.Outcome.FAILED
-    assert await layer.error_handler.dead_letters.count() == 0
+    assert await layer.dead_letter_store.count() == 0
     metrics = await layer.metrics_collector.get_reliability_metrics()
     assert metrics["messages_failed"] == 1
 
@@ -650,7 +650,7 @@ async def test_exhausted_transient_errors_can_be_deferred(make_layer: MakeLayer)
     result = await layer.process({"id": "e"}, failing([ConnectionError("a"), ConnectionError("b")]))
     assert result.outcome is sw.Outcome.DEFERRED
     assert not result.should_ack
-    assert await layer.error_handler.dead_letters.count() == 0
+    assert await layer.dead_letter_store.count() == 0
     permanent = await layer.process({"id": "p"}, failing([ValueError("bad")]))
     assert permanent.outcome is sw.Outcome.DEAD_LETTERED
 

@@ -59,8 +59,8 @@ import redis.asyncio
 import redis.exceptions
 from redis.crc import key_slot
 
-from ._dedup import ClaimResult, ClaimStatus, Lease
-from ._exceptions import ConfigurationError
+from .._dedup import ClaimResult, ClaimStatus, Lease
+from .._exceptions import ConfigurationError
 
 __all__ = ["RedisDedupStore"]
 

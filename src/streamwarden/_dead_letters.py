@@ -23,6 +23,7 @@ from ._dlq import (
     DeadLetterEntry,
     DeadLetterReason,
     DeadLetterStore,
+    DepthReporting,
     InMemoryDeadLetterStore,
     error_type_name,
     format_traceback,
@@ -57,9 +58,8 @@ class ErrorHandler:
             max_entries=self.settings.dlq_max_entries
         )
         self.telemetry = telemetry or telemetry_for(self.settings.service_name)
-        depths = getattr(self.dead_letters, "depths", None)
-        if callable(depths):
-            self.telemetry.add_dlq_depth_source(depths)
+        if isinstance(self.dead_letters, DepthReporting):
+            self.telemetry.add_dlq_depth_source(self.dead_letters.depths)
 
     def classify_error(self, error: BaseException) -> ErrorClass:
         """``transient``, ``permanent`` or ``unknown`` (an :class:`ErrorClass`, equal to those strings)."""

@@ -34,12 +34,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ._dlq import DeadLetterEntry
-from ._metrics import SEED_COUNTERS, with_rates
-from ._redis_counters import RedisCounterStore
-from ._redis_dlq import OmittedPayload, RedisDeadLetterStore
-from ._replay import DeadLetterReplayer, ReplayItem, ReplayReport, ReplayResult
-from ._shared_breaker import read_shared_breakers
+from .._counters import SEED_COUNTERS, with_rates
+from .._dlq import DeadLetterEntry
+from .._redis._breaker import read_shared_breakers
+from .._redis._counters import RedisCounterStore
+from .._redis._dlq import OmittedPayload, RedisDeadLetterStore
+from .._replay import DeadLetterReplayer, ReplayItem, ReplayReport, ReplayResult
 
 __all__ = ["DEFAULT_TRACE_URL_TEMPLATE", "register"]
 
@@ -442,8 +442,8 @@ def dlq_replay(**kwargs: Any) -> None:
     console = _console(stderr=as_json)
 
     async def work(client: Any) -> ReplayReport:
-        from ._layer import ReliabilityLayer
-        from ._settings import ReliabilitySettings
+        from .._layer import ReliabilityLayer
+        from .._settings import ReliabilitySettings
 
         settings = ReliabilitySettings(key_prefix=conn.key_prefix)
         store = RedisDeadLetterStore(client, key_prefix=conn.key_prefix)
@@ -481,9 +481,7 @@ def dlq_replay(**kwargs: Any) -> None:
                     progress=on_item,
                 )
         finally:
-            closer = getattr(layer.deduplication_manager.store, "aclose", None)
-            if closer is not None:
-                await closer()  # flushes deferred completions, if the store defers them
+            await layer.deduplication_manager.aclose()  # flushes deferred completions, if any
 
     report = conn.run(work)
     if as_json:

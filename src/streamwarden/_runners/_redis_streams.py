@@ -42,11 +42,13 @@ from typing import Any
 
 from opentelemetry import propagate
 
-from . import _names as n
-from ._dedup import ClaimResult
-from ._envelope import Envelope
-from ._exceptions import CircuitOpenError, DeduplicationUnavailableError
-from ._layer import Outcome, ProcessResult, ReliabilityLayer
+from .. import _names as n
+from .._dedup import ClaimResult
+from .._dlq import DepthRefreshing
+from .._envelope import Envelope
+from .._exceptions import CircuitOpenError, DeduplicationUnavailableError
+from .._layer import Outcome, ProcessResult, ReliabilityLayer
+from .._redis._wire import as_text
 
 __all__ = ["ConsumerStats", "Health", "HealthServer", "RedisStreamConsumer", "StreamProducer", "decode_entry"]
 
@@ -66,12 +68,6 @@ _RELEASE_GRACE_S = 2.0
 _HELPER_STOP_S = 1.0
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return str(value)
-
-
 def decode_entry(
     entry_id: Any, fields: Mapping[Any, Any], *, destination: str, delivery_count: int = 1
 ) -> Envelope:
@@ -82,21 +78,21 @@ def decode_entry(
     is JSON-decoded when it parses; ``traceparent`` / ``tracestate`` become headers; ``key`` is the
     ordering key.
     """
-    decoded = {_text(k): v for k, v in fields.items()}
-    stream_id = _text(entry_id)
+    decoded = {as_text(k): v for k, v in fields.items()}
+    stream_id = as_text(entry_id)
     raw_payload = decoded.get(FIELD_PAYLOAD)
     payload: Any
     if raw_payload is None:
-        payload = {k: _text(v) for k, v in decoded.items()}
+        payload = {k: as_text(v) for k, v in decoded.items()}
     else:
-        text = _text(raw_payload)
+        text = as_text(raw_payload)
         try:
             payload = json.loads(text)
         except ValueError:
             payload = text
-    headers = {h: _text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
-    message_id = _text(decoded[FIELD_ID]) if FIELD_ID in decoded else stream_id
-    key = _text(decoded[FIELD_KEY]) if FIELD_KEY in decoded else None
+    headers = {h: as_text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
+    message_id = as_text(decoded[FIELD_ID]) if FIELD_ID in decoded else stream_id
+    key = as_text(decoded[FIELD_KEY]) if FIELD_KEY in decoded else None
     return Envelope(
         id=message_id or stream_id,
         payload=payload,
@@ -128,7 +124,7 @@ class StreamProducer:
         propagate.inject(carrier)
         fields.update({k: v for k, v in carrier.items() if k in (FIELD_TRACEPARENT, FIELD_TRACESTATE)})
         entry_id = await self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=False)
-        return _text(entry_id)
+        return as_text(entry_id)
 
 
 @dataclass
@@ -282,8 +278,8 @@ class RedisStreamConsumer:
 
     async def _start_helpers(self) -> list[Any]:
         """Background companions, per the layer's settings: shared breaker state, fleet counter flushes."""
-        from ._redis_counters import CounterFlusher
-        from ._shared_breaker import SharedBreakerSync
+        from .._redis._breaker import SharedBreakerSync
+        from .._redis._counters import CounterFlusher
 
         settings = self.layer.settings
         helpers: list[Any] = []
@@ -363,7 +359,7 @@ class RedisStreamConsumer:
         )
         cursor, claimed = reply[0], reply[1]
         deleted = reply[2] if len(reply) > 2 else []
-        self._claim_cursor = _text(cursor)
+        self._claim_cursor = as_text(cursor)
         if deleted:
             await self._count_lost(deleted)
         claimed = [(eid, fields) for eid, fields in claimed if fields is not None]
@@ -375,7 +371,7 @@ class RedisStreamConsumer:
         return len(claimed)
 
     async def _count_lost(self, deleted: Sequence[Any]) -> None:
-        ids = [_text(d) for d in deleted]
+        ids = [as_text(d) for d in deleted]
         self.stats.lost += len(ids)
         self._lost_counter.add(len(ids), self._attrs)
         log.error(
@@ -400,7 +396,7 @@ class RedisStreamConsumer:
         for entry_id in entry_ids:
             pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
         return {
-            _text(row["message_id"]): int(row["times_delivered"])
+            as_text(row["message_id"]): int(row["times_delivered"])
             for rows in await pipe.execute()
             for row in rows
         }
@@ -409,7 +405,7 @@ class RedisStreamConsumer:
         self, entries: Sequence[tuple[Any, Mapping[Any, Any]]], deliveries: dict[str, int]
     ) -> None:
         envelopes = [
-            decode_entry(eid, fields, destination=self.stream, delivery_count=deliveries.get(_text(eid), 1))
+            decode_entry(eid, fields, destination=self.stream, delivery_count=deliveries.get(as_text(eid), 1))
             for eid, fields in entries
         ]
         claims: list[ClaimResult | None]
@@ -551,10 +547,10 @@ class RedisStreamConsumer:
     async def refresh_lag(self) -> None:
         """Read the group's lag (Redis ≥ 7) and pending count for the gauges and health; refresh the
         dead-letter depth cache so the gauge counts other processes' writes too."""
-        refresh_depths = getattr(self.layer.error_handler.dead_letters, "refresh_depths", None)
-        if refresh_depths is not None:
+        store = self.layer.dead_letter_store
+        if isinstance(store, DepthRefreshing):
             try:
-                await refresh_depths()
+                await store.refresh_depths()
             except Exception as exc:
                 log.debug("refreshing DLQ depths failed: %r", exc)
         try:
@@ -563,7 +559,7 @@ class RedisStreamConsumer:
             log.debug("XINFO GROUPS failed: %r", exc)
             return
         for info in groups:
-            if _text(info.get("name")) == self.group:
+            if as_text(info.get("name")) == self.group:
                 lag = info.get("lag")
                 self._lag = int(lag) if lag is not None else None
                 self._pending = int(info.get("pending", 0))
@@ -586,7 +582,7 @@ class RedisStreamConsumer:
             redis_ok = False
         dlq_ok, depth = True, None
         try:
-            depth = await self.layer.error_handler.dead_letters.count()
+            depth = await self.layer.dead_letter_store.count()
         except Exception:
             dlq_ok = False
         await self.refresh_lag()

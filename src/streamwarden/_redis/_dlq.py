@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import builtins
-import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,8 +44,9 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from ._dlq import DeadLetterEntry, OmittedPayload, entry_matches
-from ._exceptions import DeadLetterError, DeadLetterQueueFullError
+from .._dlq import DeadLetterEntry, OmittedPayload, entry_matches, tail_text
+from .._exceptions import DeadLetterError, DeadLetterQueueFullError
+from ._wire import as_text, encode, safe_key_part
 
 __all__ = [
     "DEFAULT_REDACT_HEADER_NAMES",
@@ -88,7 +88,6 @@ DEFAULT_REDACT_HEADER_NAMES: Final[tuple[str, ...]] = (
 )
 
 _SCHEMA_VERSION: Final = "1"
-_SAFE_KEY_PART = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _PAGE = 256
 # Stream ids carry the Redis server's clock, ``dead_lettered_at`` the writer's: time filters read a
@@ -97,31 +96,12 @@ _CLOCK_SKEW_ALLOWANCE_MS: Final = 3_600_000
 _MAX_PREVIEW_CHARS: Final = 4096
 
 
-def safe_key_part(name: str) -> str:
-    """``name`` if it is a short, printable key part; else ``#`` + the SHA-256 of its UTF-8 bytes."""
-    if _SAFE_KEY_PART.fullmatch(name):
-        return name
-    return "#" + hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def parse_entry_id(entry_id: str) -> tuple[str, str] | None:
     """Split ``"{destination}/{stream id}"`` into its parts; ``None`` when it is not such an id."""
     destination, sep, stream_id = entry_id.rpartition("/")
     if not sep or not destination or not _STREAM_ID.fullmatch(stream_id):
         return None
     return destination, stream_id
-
-
-def _text(value: Any) -> str:
-    """A reply value as ``str`` (clients with or without ``decode_responses``)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    return str(value)
-
-
-def _wire(value: str) -> bytes:
-    """Encode text for Redis; lone surrogates (non-UTF-8 ids) round-trip through ``surrogateescape``."""
-    return value.encode("utf-8", "surrogateescape")
 
 
 class Redactor:
@@ -296,7 +276,7 @@ class RedisDeadLetterStore:
         # Registered once per process; the index is never shrunk, so another process's purge cannot
         # leave a stream that the index does not know.
         if destination not in self._registered:
-            await self.client.hset(self.index_key, _wire(destination), key)
+            await self.client.hset(self.index_key, encode(destination), key)
             self._registered.add(destination)
 
     def _confirmed(self, destination: str, reply: Sequence[Any]) -> str:
@@ -308,7 +288,7 @@ class RedisDeadLetterStore:
                 f"{self.max_entries_per_destination}); replay or purge entries"
             )
         self._depths[destination] = int(reply[2])
-        return f"{destination}/{_text(reply[1])}"
+        return f"{destination}/{as_text(reply[1])}"
 
     async def delete(self, entry_id: str) -> bool:
         """Remove one entry; ``False`` when it was not there (or ``entry_id`` is not one of ours)."""
@@ -341,7 +321,7 @@ class RedisDeadLetterStore:
         if not rows:
             return None
         row_id, fields = rows[0]
-        return self.decode(destination, _text(row_id), fields)
+        return self.decode(destination, as_text(row_id), fields)
 
     async def list(
         self,
@@ -385,7 +365,7 @@ class RedisDeadLetterStore:
             if not rows:
                 break
             for raw_id, fields in rows:
-                stream_id = _text(raw_id)
+                stream_id = as_text(raw_id)
                 ms, seq = (int(part) for part in stream_id.split("-"))
                 if stop_ms is not None and ms > stop_ms:
                     return out
@@ -397,7 +377,7 @@ class RedisDeadLetterStore:
                     break
             if len(rows) < _PAGE:
                 break
-            start = "(" + _text(rows[-1][0])
+            start = "(" + as_text(rows[-1][0])
         return out
 
     async def count(self, destination: str | None = None) -> int:
@@ -430,7 +410,7 @@ class RedisDeadLetterStore:
         return {d: n for d, n in self._depths.items() if n > 0}
 
     async def _known(self) -> builtins.list[str]:
-        names = sorted(_text(n) for n in await self.client.hkeys(self.index_key))
+        names = sorted(as_text(n) for n in await self.client.hkeys(self.index_key))
         self._registered.update(names)
         return names
 
@@ -443,25 +423,25 @@ class RedisDeadLetterStore:
             try:
                 fields += ["message_id", entry.message_id.encode("utf-8")]
             except UnicodeEncodeError:  # a non-UTF-8 id (surrogateescape): keep its exact bytes
-                fields += ["message_id_b64", base64.b64encode(_wire(entry.message_id)).decode("ascii")]
-        fields += ["destination", _wire(entry.destination)]
+                fields += ["message_id_b64", base64.b64encode(encode(entry.message_id)).decode("ascii")]
+        fields += ["destination", encode(entry.destination)]
         fields += self._encode_payload(entry.payload)
-        traceback = format_traceback_text(redact.text(entry.traceback), self.max_traceback_chars)
+        traceback = tail_text(redact.text(entry.traceback), self.max_traceback_chars)
         fields += [
             "reason", entry.reason,
             "error_type", entry.error_type,
             "error_class", entry.error_class,
-            "error_message", _wire(DeadLetterEntry.bound_message(redact.text(entry.error_message))),
+            "error_message", encode(DeadLetterEntry.bound_message(redact.text(entry.error_message))),
             "attempts", str(entry.attempts),
-            "service", _wire(entry.service),
+            "service", encode(entry.service),
             "headers", json.dumps(redact.headers(entry.headers), ensure_ascii=True),
-            "traceback", _wire(traceback),
+            "traceback", encode(traceback),
             "first_failed_at", repr(float(entry.first_failed_at)),
             "dead_lettered_at", repr(float(entry.dead_lettered_at)),
             "delivery_count", str(entry.delivery_count),
         ]  # fmt: skip
         if entry.source_ref is not None:
-            fields += ["source_ref", _wire(entry.source_ref)]
+            fields += ["source_ref", encode(entry.source_ref)]
         if entry.trace_id:
             fields += ["trace_id", entry.trace_id]
         if entry.span_id:
@@ -490,53 +470,43 @@ class RedisDeadLetterStore:
 
     def decode(self, destination: str, stream_id: str, raw: Mapping[Any, Any]) -> DeadLetterEntry:
         """Build the :class:`DeadLetterEntry` of one stream entry (fields as XRANGE returns them)."""
-        fields = {_text(k): v for k, v in raw.items()}
+        fields = {as_text(k): v for k, v in raw.items()}
 
-        def text(name: str, default: str = "") -> str:
+        def field(name: str, default: str = "") -> str:
             value = fields.get(name)
-            return default if value is None else _text(value)
+            return default if value is None else as_text(value)
 
         def optional(name: str) -> str | None:
             value = fields.get(name)
-            return None if value is None else _text(value)
+            return None if value is None else as_text(value)
 
         message_id = optional("message_id")
         if message_id is None and "message_id_b64" in fields:
-            message_id = base64.b64decode(text("message_id_b64")).decode("utf-8", "surrogateescape")
+            message_id = base64.b64decode(field("message_id_b64")).decode("utf-8", "surrogateescape")
         try:
-            headers = json.loads(text("headers", "{}"))
+            headers = json.loads(field("headers", "{}"))
         except ValueError:
             headers = {}
         return DeadLetterEntry(
             message_id=message_id,
-            destination=text("destination", destination),
+            destination=field("destination", destination),
             payload=_decode_payload(fields),
-            reason=text("reason"),
-            error_type=text("error_type"),
-            error_class=text("error_class"),
-            error_message=text("error_message"),
-            attempts=int(text("attempts", "0")),
-            service=text("service"),
+            reason=field("reason"),
+            error_type=field("error_type"),
+            error_class=field("error_class"),
+            error_message=field("error_message"),
+            attempts=int(field("attempts", "0")),
+            service=field("service"),
             headers=headers if isinstance(headers, dict) else {},
-            traceback=text("traceback"),
-            first_failed_at=float(text("first_failed_at", "0")),
-            dead_lettered_at=float(text("dead_lettered_at", "0")),
-            delivery_count=int(text("delivery_count", "1")),
+            traceback=field("traceback"),
+            first_failed_at=float(field("first_failed_at", "0")),
+            dead_lettered_at=float(field("dead_lettered_at", "0")),
+            delivery_count=int(field("delivery_count", "1")),
             source_ref=optional("source_ref"),
             trace_id=optional("trace_id"),
             span_id=optional("span_id"),
             entry_id=f"{destination}/{stream_id}",
         )
-
-
-def format_traceback_text(text: str, max_chars: int) -> str:
-    """``text`` cut to its last ``max_chars`` characters, marked, like ``format_traceback`` does."""
-    if len(text) <= max_chars:
-        return text
-    if max_chars <= 0:
-        return ""
-    marker = "...[truncated]...\n"
-    return marker + text[-max(0, max_chars - len(marker)) :]
 
 
 def _omitted_fields(reason: str, size: int, preview: str) -> list[str | bytes]:
@@ -546,7 +516,7 @@ def _omitted_fields(reason: str, size: int, preview: str) -> list[str | bytes]:
         "payload_size", str(size),
     ]  # fmt: skip
     if preview:
-        fields += ["payload_preview", _wire(preview)]
+        fields += ["payload_preview", encode(preview)]
     return fields
 
 
@@ -559,18 +529,18 @@ def _safe_repr(value: Any) -> str:
 
 
 def _decode_payload(fields: Mapping[str, Any]) -> Any:
-    encoding = _text(fields.get("payload_encoding", "json"))
+    encoding = as_text(fields.get("payload_encoding", "json"))
     if encoding == "json":
-        return json.loads(_text(fields.get("payload", "null")))
+        return json.loads(as_text(fields.get("payload", "null")))
     if encoding == "base64":
-        return base64.b64decode(_text(fields.get("payload", "")))
+        return base64.b64decode(as_text(fields.get("payload", "")))
     if encoding == "repr":
-        text = _text(fields.get("payload", ""))
-        return OmittedPayload("not_json", int(_text(fields.get("payload_size", "0"))), text)
-    reason = _text(fields.get("payload_omitted_reason", encoding))
+        text = as_text(fields.get("payload", ""))
+        return OmittedPayload("not_json", int(as_text(fields.get("payload_size", "0"))), text)
+    reason = as_text(fields.get("payload_omitted_reason", encoding))
     preview = fields.get("payload_preview")
     return OmittedPayload(
         reason=reason,
-        size=int(_text(fields.get("payload_size", "0"))),
-        preview="" if preview is None else _text(preview),
+        size=int(as_text(fields.get("payload_size", "0"))),
+        preview="" if preview is None else as_text(preview),
     )

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ._cli_ops import register as _register_ops
-from ._demo import ControlServer, DemoConfig, DemoReport, install_stop_signals, run_demo
+from .._demo import ControlServer, DemoConfig, DemoReport, install_stop_signals, run_demo
+from ._ops import register as _register_ops
 
 __all__ = ["main"]
 
@@ -99,7 +99,7 @@ def demo(
         outage_duration=outage_duration,
     )
     if prometheus_port is not None or otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        from ._telemetry import configure_telemetry
+        from .._telemetry import configure_telemetry
 
         configure_telemetry(
             config.service_name,
@@ -174,7 +174,7 @@ async def _run(
 async def _run_redis(
     config: DemoConfig, console: Console, redis_url: str, consumers: int, *, quiet: bool
 ) -> DemoReport:
-    from ._demo import run_redis_demo
+    from .._demo import run_redis_demo
 
     stop = asyncio.Event()
     install_stop_signals(stop)
@@ -305,7 +305,7 @@ def consume(
     """
     import socket
 
-    from ._settings import ReliabilitySettings
+    from .._settings import ReliabilitySettings
 
     handler = load_handler(handler_spec)
     # the runner flushes the counters every metrics_flush_interval (and once more when it stops)
@@ -315,7 +315,7 @@ def consume(
         else ReliabilitySettings(metrics_flush_interval=flush_every)
     )
     if prometheus_port is not None or otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        from ._telemetry import configure_telemetry
+        from .._telemetry import configure_telemetry
 
         configure_telemetry(
             settings.service_name, otlp_endpoint=otlp_endpoint, prometheus_port=prometheus_port
@@ -352,8 +352,8 @@ async def _consume(
 ) -> None:
     import redis.asyncio
 
-    from ._layer import ReliabilityLayer
-    from ._runner import HealthServer, RedisStreamConsumer
+    from .._layer import ReliabilityLayer
+    from .._runners._redis_streams import HealthServer, RedisStreamConsumer
 
     client = redis.asyncio.Redis.from_url(redis_url)
     try:

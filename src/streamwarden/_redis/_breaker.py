@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from ._breaker import BreakerRegistry, BreakerState, BreakerTransition, CircuitBreaker
-from ._redis_dlq import safe_key_part
+from .._breaker import BreakerRegistry, BreakerState, BreakerTransition, CircuitBreaker
+from ._wire import as_text, safe_key_part
 
 __all__ = ["SharedBreakerState", "SharedBreakerSync", "read_shared_breakers"]
 
@@ -73,14 +73,10 @@ def breaker_index_key(key_prefix: str) -> str:
     return f"{key_prefix}:breaker-index"
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
 def _parse(name: str, raw: Any) -> SharedBreakerState | None:
     if not raw:
         return None
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
     try:
         return SharedBreakerState(
             name=name,
@@ -97,7 +93,7 @@ def _parse(name: str, raw: Any) -> SharedBreakerState | None:
 
 async def read_shared_breakers(client: Any, *, key_prefix: str = "streamwarden") -> list[SharedBreakerState]:
     """Every shared breaker's published state (the index set, then one pipelined round trip)."""
-    names = sorted(_text(n) for n in await client.smembers(breaker_index_key(key_prefix)))
+    names = sorted(as_text(n) for n in await client.smembers(breaker_index_key(key_prefix)))
     if not names:
         return []
     async with client.pipeline(transaction=False) as pipe:

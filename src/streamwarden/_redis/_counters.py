@@ -1,6 +1,6 @@
 """Fleet-wide seed counters in one Redis hash per service, flushed in batches.
 
-``MetricsCollector(redis_client)`` counts in process memory on the hot path; a flush sends the
+``Flushable(redis_client)`` counts in process memory on the hot path; a flush sends the
 accumulated deltas here in one round trip::
 
     {prefix}:metrics:{service}      a hash: counter name -> total across every process of the service
@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._metrics import MetricsCollector
-from ._redis_dlq import safe_key_part
+from .._counters import Flushable
+from ._wire import as_text, safe_key_part
 
 __all__ = ["CounterFlusher", "RedisCounterStore", "run_periodic_flush"]
 
@@ -52,15 +52,11 @@ class RedisCounterStore:
     async def totals(self) -> dict[str, int]:
         """Every counter of the service (one ``HGETALL``)."""
         raw = await self.client.hgetall(self.key)
-        return {_text(k): int(v) for k, v in raw.items()}
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+        return {as_text(k): int(v) for k, v in raw.items()}
 
 
 async def run_periodic_flush(
-    collector: MetricsCollector,
+    collector: Flushable,
     interval: float,
     *,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
@@ -91,7 +87,7 @@ class CounterFlusher:
 
     def __init__(
         self,
-        collector: MetricsCollector,
+        collector: Flushable,
         interval: float = 5.0,
         *,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
