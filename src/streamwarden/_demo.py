@@ -15,15 +15,28 @@ against a simulated broker API that has:
 At the end the numbers must reconcile: every unique signal was executed exactly once or sits in the
 DLQ, and every re-send was counted as a duplicate. ``--live`` runs an endless stream instead (for the
 compose stack and the end-to-end alert tests), with an optional control endpoint that starts and ends
-the outage on demand.
+the outage on demand and reports the live counts.
+
+The Redis demo (:func:`run_redis_demo`) runs the same workload through consumer runners on a real
+stream. It owns a fixed set of keys and deletes them when it starts, so repeated runs are correct and
+nothing else on that Redis is touched: the stream ``streamwarden-demo`` (and its consumer group), the
+dead-letter stream of the destination ``streamwarden-demo``, the dedup records of its scope and the
+fleet counters of the service ``streamwarden-demo``.
+
+The pieces, in reading order: the workload (:class:`_Workload`), the simulated downstream
+(:class:`BrokerAPI`) and its outage schedule (:func:`_outage_schedule`, :func:`_outage_window`), the
+embedded stream and its workers (:class:`_EmbeddedRun`), the Redis run (:class:`_RedisRun`), and the
+reconciliation (:func:`_reconcile_ledger`, :func:`_reconcile`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import random
+import re
 import signal
 import threading
 import time
@@ -31,15 +44,40 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._breaker import BreakerTransition
+from ._counters import with_rates
 from ._envelope import Envelope
-from ._layer import Outcome, ReliabilityLayer
+from ._layer import Outcome, ProcessResult, ReliabilityLayer
+from ._redis._counters import RedisCounterStore
+from ._redis._dedup import RedisDedupStore
+from ._redis._dlq import RedisDeadLetterStore
 from ._redis._wire import as_text
 from ._settings import ReliabilitySettings
 
-__all__ = ["DemoConfig", "DemoReport", "run_demo", "run_redis_demo"]
+if TYPE_CHECKING:
+    from ._runners import RedisStreamConsumer
+
+__all__ = [
+    "DEMO_GROUP",
+    "DEMO_SERVICE",
+    "DEMO_STREAM",
+    "ControlServer",
+    "DemoConfig",
+    "DemoControls",
+    "DemoReport",
+    "run_demo",
+    "run_redis_demo",
+]
+
+#: The Redis demo's stream (also its destination: DLQ stream, metric labels); fixed, so repeated runs
+#: reuse one label value and clean up after the previous run.
+DEMO_STREAM = "streamwarden-demo"
+#: The Redis demo's consumer group.
+DEMO_GROUP = "streamwarden-demo"
+#: Service name of both demos (fleet counters, telemetry resource).
+DEMO_SERVICE = "streamwarden-demo"
 
 SYMBOLS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "TSLA", "META", "BTC-USD", "ETH-USD", "EURUSD")
 STRATEGIES = ("momentum", "mean-reversion", "pairs", "breakout")
@@ -59,12 +97,12 @@ class DemoConfig:
     outage_start: float = 0.35
     outage_length: float = 0.15
     latency_ms: tuple[float, float] = (0.5, 3.0)
-    seed: int = 1
+    workload: int = 1  # which random workload: the same number gives the same signals and faults
     live: bool = False
     max_seconds: float | None = None
     outage_every: float | None = None
     outage_duration: float = 20.0
-    service_name: str = "streamwarden-demo"
+    service_name: str = DEMO_SERVICE
     destination: str = "trading.signals"
 
 
@@ -157,13 +195,13 @@ def _signal(i: int, rng: random.Random, config: DemoConfig) -> dict[str, Any]:
 class _Workload:
     """The stream's content: new signals and re-sends of recent ones, recorded in the report's ledger.
 
-    Deterministic for a seed (its own RNG), shared by the embedded and the Redis demo.
+    Deterministic for ``config.workload`` (its own RNG), shared by the embedded and the Redis demo.
     """
 
     def __init__(self, config: DemoConfig, report: DemoReport) -> None:
         self._config = config
         self._report = report
-        self._rng = random.Random(config.seed)
+        self._rng = random.Random(config.workload)
         self._recent: deque[dict[str, Any]] = deque(maxlen=500)
         self._next = 0
 
@@ -211,132 +249,207 @@ class _Stream:
         self.queue.put_nowait(env)
 
 
-async def run_demo(
-    config: DemoConfig,
-    *,
-    layer: ReliabilityLayer | None = None,
-    on_progress: Callable[[DemoReport, int], None] | None = None,
-    stop: asyncio.Event | None = None,
-    control: Callable[[BrokerAPI, DemoReport], None] | None = None,
-) -> DemoReport:
-    """Run the workload; returns the report (``report.problems`` lists reconciliation failures)."""
-    fault_rng = random.Random(config.seed + 1)  # the broker's latency and faults (content: _Workload)
-    settings = ReliabilitySettings(
-        service_name=config.service_name,
-        destination=config.destination,
-        max_retries=3,
-        retry_initial_delay=0.005,
-        retry_max_delay=0.05,
-        retry_deadline=2.0,
-        processing_timeout=1.0,
-        circuit_breaker_threshold=5,
-        circuit_breaker_timeout=0.5,
-    )
-    layer = layer or ReliabilityLayer(None, settings)
-    report = DemoReport()
-    broker = BrokerAPI(config, fault_rng)
-    stream = _Stream()
-    stop = stop or asyncio.Event()
-    if control is not None:
-        control(broker, report)
+def _demo_settings(config: DemoConfig, **overrides: Any) -> ReliabilitySettings:
+    """The layer settings both demos use: short backoffs and a breaker that recovers in half a second."""
+    options: dict[str, Any] = {
+        "service_name": config.service_name,
+        "destination": config.destination,
+        "max_retries": 3,
+        "retry_initial_delay": 0.005,
+        "retry_max_delay": 0.05,
+        "retry_deadline": 2.0,
+        "processing_timeout": 1.0,
+        "circuit_breaker_threshold": 5,
+        "circuit_breaker_timeout": 0.5,
+    }
+    options.update(overrides)
+    return ReliabilitySettings(**options)
 
-    def on_transition(event: BreakerTransition) -> None:
-        report.transitions.append((event.from_state, event.to_state))
 
-    layer.circuit_breaker.add_transition_listener(on_transition)
-    workload = _Workload(config, report)
-    started = time.monotonic()
-    in_flight = 0
-    done_producing = asyncio.Event()
+def _fault_rng(config: DemoConfig) -> random.Random:
+    """The broker's latency and faults: an RNG apart from the workload's, so content stays fixed."""
+    return random.Random(config.workload + 1)
 
-    async def produce() -> None:
+
+# --- outages -----------------------------------------------------------------------------------------
+async def _outage_schedule(config: DemoConfig, broker: BrokerAPI, stop: asyncio.Event) -> None:
+    """The embedded demo's outages: one window (a share of the expected run time), or with ``--live`` one
+    every ``outage_every`` seconds for ``outage_duration`` seconds."""
+    if config.live:
+        if config.outage_every is None:
+            return
+        while not stop.is_set():
+            await asyncio.sleep(config.outage_every)
+            broker.outage = True
+            await asyncio.sleep(config.outage_duration)
+            broker.outage = False
+        return
+    expected = config.messages / config.rate if config.rate > 0 else 0.0
+    await asyncio.sleep(expected * config.outage_start)
+    broker.outage = True
+    await asyncio.sleep(max(expected * config.outage_length, 1.0))
+    broker.outage = False
+
+
+def _outage_window(config: DemoConfig) -> range:
+    """The Redis demo's outage: while the producer writes these message numbers."""
+    start = int(config.messages * config.outage_start)
+    return range(start, int(config.messages * (config.outage_start + config.outage_length)))
+
+
+# --- the embedded demo -------------------------------------------------------------------------------
+class DemoControls(Protocol):
+    """What the control endpoint of a live demo may do; called on the demo's event loop."""
+
+    def set_outage(self, on: bool) -> None:
+        """Start (``True``) or end the downstream outage."""
+
+    def status(self) -> dict[str, Any]:
+        """The live counts (the report so far), plus ``outage``."""
+
+
+class _EmbeddedRun:
+    """One embedded run: a producer, an outage schedule and ``concurrency`` workers on an in-process
+    stream, until every message is acknowledged (or, live, until ``stop``)."""
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        layer: ReliabilityLayer,
+        stop: asyncio.Event,
+        on_progress: Callable[[DemoReport, int], None] | None,
+    ) -> None:
+        self.config, self.layer, self.stop, self.on_progress = config, layer, stop, on_progress
+        self.report = DemoReport()
+        self.broker = BrokerAPI(config, _fault_rng(config))
+        self.stream = _Stream()
+        self.workload = _Workload(config, self.report)
+        self.in_flight = 0
+        self.done_producing = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.started = time.monotonic()
+        layer.circuit_breaker.add_transition_listener(self._on_transition)
+
+    def _on_transition(self, event: BreakerTransition) -> None:
+        self.report.transitions.append((event.from_state, event.to_state))
+
+    # DemoControls
+    def set_outage(self, on: bool) -> None:
+        """Start or end the outage (control endpoint)."""
+        self.broker.outage = on
+
+    def status(self) -> dict[str, Any]:
+        """The report so far, with the live execution, redelivery, retry and time counts."""
+        self._fill_live_counts(self.layer.metrics_collector.snapshot())
+        body = self.report.as_dict()
+        body["outage"] = self.broker.outage
+        return body
+
+    def _fill_live_counts(self, counts: dict[str, int]) -> None:
+        report = self.report
+        report.elapsed = time.monotonic() - self.started
+        report.redeliveries = self.stream.redeliveries
+        report.executed = sum(self.broker.executed.values())
+        report.metrics = with_rates(counts)
+        report.retries = int(report.metrics.get("retry_attempts", 0))
+
+    async def produce(self) -> None:
+        """Emit the workload at ``config.rate`` messages per second."""
+        config, report = self.config, self.report
         interval = 1.0 / config.rate if config.rate > 0 else 0.0
         next_at = time.monotonic()
-        while not stop.is_set():
-            if config.max_seconds is not None and time.monotonic() - started >= config.max_seconds:
+        while not self.stop.is_set():
+            if config.max_seconds is not None and time.monotonic() - self.started >= config.max_seconds:
                 break
-            message = workload.next_message()
+            message = self.workload.next_message()
             if message is None:
                 break
-            stream.queue.put_nowait(message)
+            self.stream.queue.put_nowait(message)
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif report.produced % 64 == 0:
                 await asyncio.sleep(0)
-        done_producing.set()
+        self.done_producing.set()
 
-    async def outage_schedule() -> None:
-        if config.live:
-            if config.outage_every is None:
-                return
-            while not stop.is_set():
-                await asyncio.sleep(config.outage_every)
-                broker.outage = True
-                await asyncio.sleep(config.outage_duration)
-                broker.outage = False
-            return
-        expected = config.messages / config.rate if config.rate > 0 else 0.0
-        await asyncio.sleep(expected * config.outage_start)
-        broker.outage = True
-        await asyncio.sleep(max(expected * config.outage_length, 1.0))
-        broker.outage = False
-
-    drained = asyncio.Event()
-
-    async def work() -> None:
-        nonlocal in_flight
-        while True:
-            message = await stream.queue.get()
-            if message is None:
-                return
-            in_flight += 1
+    async def work(self) -> None:
+        """One worker: take messages until the ``None`` sentinel."""
+        while (message := await self.stream.queue.get()) is not None:
+            self.in_flight += 1
             try:
-                result = await layer.process(message, broker.execute)
-                report.outcomes[result.outcome.value] += 1
-                if result.dead_letter is not None:
-                    report.dlq_reasons[result.dead_letter.reason] += 1
-                if not result.should_ack:
-                    # A real stream redelivers after a visibility timeout. Waiting also keeps the
-                    # simulation honest: an in-progress answer takes no time, and a worker that
-                    # re-queued it at once would spin without letting the lease holder finish.
-                    await asyncio.sleep(min(0.05, layer.circuit_breaker.retry_after() or 0.01))
-                    stream.redeliver(message)
+                await self._handle(message)
             finally:
-                in_flight -= 1
-            if on_progress is not None:
-                on_progress(report, stream.queue.qsize())
-            if done_producing.is_set() and in_flight == 0 and stream.queue.empty():
-                drained.set()
+                self.in_flight -= 1
+            if self.on_progress is not None:
+                self.on_progress(self.report, self.stream.queue.qsize())
+            if self.done_producing.is_set() and self.in_flight == 0 and self.stream.queue.empty():
+                self.drained.set()
 
-    producer = asyncio.create_task(produce())
-    outages = asyncio.create_task(outage_schedule())
-    workers = [asyncio.create_task(work()) for _ in range(config.concurrency)]
-    try:
-        await producer
-        if not config.live and not (stream.queue.empty() and in_flight == 0):
-            await drained.wait()  # every message acknowledged: nothing left in the stream
-    finally:
+    async def _handle(self, message: Envelope | dict[str, Any]) -> None:
+        result: ProcessResult = await self.layer.process(message, self.broker.execute)
+        self.report.outcomes[result.outcome.value] += 1
+        if result.dead_letter is not None:
+            self.report.dlq_reasons[result.dead_letter.reason] += 1
+        if not result.should_ack:
+            # A real stream redelivers after a visibility timeout. Waiting also keeps the simulation
+            # honest: an in-progress answer takes no time, and a worker that re-queued it at once would
+            # spin without letting the lease holder finish.
+            await asyncio.sleep(min(0.05, self.layer.circuit_breaker.retry_after() or 0.01))
+            self.stream.redeliver(message)
+
+    async def run(self) -> DemoReport:
+        """Run to the end (every message acknowledged, or ``stop`` when live); reconcile unless live."""
+        producer = asyncio.create_task(self.produce())
+        outages = asyncio.create_task(_outage_schedule(self.config, self.broker, self.stop))
+        workers = [asyncio.create_task(self.work()) for _ in range(self.config.concurrency)]
+        try:
+            await producer
+            if not self.config.live and not (self.stream.queue.empty() and self.in_flight == 0):
+                await self.drained.wait()  # every message acknowledged: nothing left in the stream
+        finally:
+            await self._shut_down(workers, outages)
+        return await self._finish()
+
+    async def _shut_down(self, workers: list[asyncio.Task[None]], outages: asyncio.Task[None]) -> None:
         for _ in workers:
-            stream.queue.put_nowait(None)
-        if config.live:
+            self.stream.queue.put_nowait(None)
+        if self.config.live:
             for task in workers:
                 task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         outages.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await outages
-        broker.outage = False
-    report.elapsed = time.monotonic() - started
-    report.redeliveries = stream.redeliveries
-    report.executed = sum(broker.executed.values())
-    report.metrics = await layer.metrics_collector.get_reliability_metrics()
-    report.retries = int(report.metrics.get("retry_attempts", 0))
-    if not config.live:
-        entries = await layer.dead_letter_store.list(limit=report.produced + 1)
-        _reconcile(report, broker, Counter(entry.message_id for entry in entries))
-    return report
+        self.broker.outage = False
+
+    async def _finish(self) -> DemoReport:
+        report = self.report
+        metrics = await self.layer.metrics_collector.get_reliability_metrics()
+        self._fill_live_counts({k: v for k, v in metrics.items() if isinstance(v, int)})
+        report.metrics = metrics
+        if not self.config.live:
+            entries = await self.layer.dead_letter_store.list(limit=report.produced + 1)
+            _reconcile(report, self.broker, Counter(entry.message_id for entry in entries))
+        return report
+
+
+async def run_demo(
+    config: DemoConfig,
+    *,
+    layer: ReliabilityLayer | None = None,
+    on_progress: Callable[[DemoReport, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+    control: Callable[[DemoControls], None] | None = None,
+) -> DemoReport:
+    """Run the workload on the embedded stores; returns the report (``report.problems`` lists
+    reconciliation failures). ``control`` receives the run's :class:`DemoControls` before it starts."""
+    run = _EmbeddedRun(
+        config, layer or ReliabilityLayer(None, _demo_settings(config)), stop or asyncio.Event(), on_progress
+    )
+    if control is not None:
+        control(run)
+    return await run.run()
 
 
 def _reconcile(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:
@@ -360,63 +473,85 @@ def _reconcile(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[s
             problems.append(f"MetricsCollector {name}={metrics.get(name)} but the stream saw {value}")
 
 
+class _ControlHandler(BaseHTTPRequestHandler):
+    """The requests of :class:`ControlServer` (a subclass per server sets ``control``)."""
+
+    control: ControlServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    def _reply(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _set_outage(self, value: bool) -> None:
+        if self.path.rstrip("/") != "/outage" or self.control.controls is None:
+            self._reply(404, {"error": "not found"})
+            return
+        self.control.on_loop(lambda controls: controls.set_outage(value))
+        self._reply(200, {"outage": value})
+
+    def do_POST(self) -> None:
+        self._set_outage(True)
+
+    def do_DELETE(self) -> None:
+        self._set_outage(False)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") != "/status" or self.control.controls is None:
+            self._reply(404, {"error": "not found"})
+            return
+        self._reply(200, self.control.on_loop(lambda controls: controls.status()))
+
+
 class ControlServer:
-    """``--control-port``: POST/DELETE /outage, GET /status (on 127.0.0.1 unless ``--control-host``)."""
+    """``--control-port``: POST/DELETE /outage, GET /status (on 127.0.0.1 unless ``--control-host``).
+
+    Requests are served on a thread; what they read or change is done on the demo's event loop.
+    """
 
     def __init__(self, port: int, loop: asyncio.AbstractEventLoop, *, host: str = "127.0.0.1") -> None:
         self.port = port
         self.host = host
         self.loop = loop
-        self.broker: BrokerAPI | None = None
-        self.report: DemoReport | None = None
+        self.controls: DemoControls | None = None
         self._server: ThreadingHTTPServer | None = None
 
-    def attach(self, broker: BrokerAPI, report: DemoReport) -> None:
-        self.broker, self.report = broker, report
+    def attach(self, controls: DemoControls) -> None:
+        """Serve the controls of a running demo (``run_demo(control=server.attach)``)."""
+        self.controls = controls
+
+    def on_loop(self, call: Callable[[DemoControls], Any]) -> Any:
+        """``call(controls)`` on the event loop, from a request thread; ``None`` before attach."""
+        controls = self.controls
+        if controls is None:
+            return None
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(call(controls))
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return done.result(timeout=10)
 
     def start(self) -> None:
-        control = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # quiet
-                return
-
-            def _reply(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _set_outage(self, value: bool) -> None:
-                if self.path.rstrip("/") != "/outage" or control.broker is None:
-                    self._reply(404, {"error": "not found"})
-                    return
-                broker = control.broker
-                control.loop.call_soon_threadsafe(setattr, broker, "outage", value)
-                self._reply(200, {"outage": value})
-
-            def do_POST(self) -> None:
-                self._set_outage(True)
-
-            def do_DELETE(self) -> None:
-                self._set_outage(False)
-
-            def do_GET(self) -> None:
-                if self.path.rstrip("/") != "/status" or control.report is None:
-                    self._reply(404, {"error": "not found"})
-                    return
-                body = control.report.as_dict()
-                body["outage"] = bool(control.broker and control.broker.outage)
-                self._reply(200, body)
-
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        """Listen (raises ``OSError`` when the port is taken) and serve on a daemon thread."""
+        handler = type("ControlHandler", (_ControlHandler,), {"control": self})
+        self._server = ThreadingHTTPServer((self.host, self.port), handler)
         threading.Thread(
             target=self._server.serve_forever, name="streamwarden-demo-control", daemon=True
         ).start()
 
     def stop(self) -> None:
+        """Stop serving and close the socket."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -430,111 +565,170 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def run_redis_demo(
-    config: DemoConfig,
-    redis_url: str,
-    *,
-    consumers: int = 3,
-    on_progress: Callable[[DemoReport, int], None] | None = None,
-    stop: asyncio.Event | None = None,
-) -> DemoReport:
-    """The same workload through Redis: a stream, ``consumers`` runners in one consumer group, the Redis
-    dedup store, dead-letter queue and counters. Unacknowledged entries come back via XAUTOCLAIM.
+# --- the Redis demo ----------------------------------------------------------------------------------
+class _RedisRun:
+    """One Redis run: ``consumers`` stream runners in one group, the producer, reconciliation."""
 
-    The stream (``{key_prefix}:demo:<run>``) is deleted at the end; dead letters stay in Redis for
-    ``streamwarden dlq list`` and are purged by ``streamwarden dlq purge``.
-    """
-    import uuid
+    def __init__(
+        self,
+        config: DemoConfig,
+        client: Any,
+        *,
+        consumers: int,
+        key_prefix: str,
+        stop: asyncio.Event,
+        on_progress: Callable[[DemoReport, int], None] | None,
+    ) -> None:
+        self.config, self.client, self.stop, self.on_progress = config, client, stop, on_progress
+        self.settings = _demo_settings(
+            config,
+            destination=DEMO_STREAM,
+            consumer_group=DEMO_GROUP,
+            key_prefix=key_prefix,
+            dedup_lease=5.0,
+            exhausted_transient_action="defer",
+            poison_max_deliveries=None,  # the outage redelivers messages often; poison here is by content
+        )
+        self.report = DemoReport()
+        self.broker = BrokerAPI(config, _fault_rng(config))
+        self.layers = [ReliabilityLayer(client, self.settings) for _ in range(consumers)]
+        self.runners = [self._runner(i, layer) for i, layer in enumerate(self.layers)]
+        for layer in self.layers:
+            layer.circuit_breaker.add_transition_listener(
+                lambda e: self.report.transitions.append((e.from_state, e.to_state))
+            )
 
-    import redis.asyncio
+    def _runner(self, index: int, layer: ReliabilityLayer) -> RedisStreamConsumer:
+        """Consumer ``demo-{index}``: small batches and quick takeovers, so the demo runs in seconds."""
+        from ._runners import RedisStreamConsumer
 
-    from ._runners._redis_streams import RedisStreamConsumer, StreamProducer
-
-    fault_rng = random.Random(config.seed + 1)
-    run = uuid.uuid4().hex[:8]
-    stream = f"streamwarden:demo:{config.destination}:{run}"
-    settings = ReliabilitySettings(
-        service_name=config.service_name,
-        destination=stream,
-        max_retries=3,
-        retry_initial_delay=0.005,
-        retry_max_delay=0.05,
-        retry_deadline=2.0,
-        processing_timeout=1.0,
-        dedup_lease=5.0,
-        circuit_breaker_threshold=5,
-        circuit_breaker_timeout=0.5,
-        exhausted_transient_action="defer",
-        poison_max_deliveries=None,  # the outage redelivers messages often; poison here is by content
-    )
-    client = redis.asyncio.Redis.from_url(redis_url)
-    report = DemoReport()
-    broker = BrokerAPI(config, fault_rng)
-    stop = stop or asyncio.Event()
-    layers = [ReliabilityLayer(client, settings) for _ in range(consumers)]
-    runners = [
-        RedisStreamConsumer(
-            client,
-            stream=stream,
-            group="demo",
-            consumer=f"demo-{i}",
-            handler=broker.execute,
+        return RedisStreamConsumer(
+            self.client,
+            stream=DEMO_STREAM,
+            group=DEMO_GROUP,
+            consumer=f"demo-{index}",
+            handler=self.broker.execute,
             layer=layer,
             batch_size=32,
             block_ms=100,
-            concurrency=max(1, config.concurrency // consumers),
+            concurrency=max(1, self.config.concurrency // len(self.layers)),
             claim_idle_ms=300,
             claim_every_s=0.1,
         )
-        for i, layer in enumerate(layers)
-    ]
-    for layer in layers:
-        layer.circuit_breaker.add_transition_listener(
-            lambda e: report.transitions.append((e.from_state, e.to_state))
+
+    async def reset(self) -> None:
+        """Delete the demo's own keys, and only those: its stream (with the group), the dead letters of
+        its destination, the dedup records of its scope and its service's fleet counters."""
+        client, prefix = self.client, self.settings.key_prefix
+        await client.delete(DEMO_STREAM)
+        await RedisDeadLetterStore(client, key_prefix=prefix).purge(DEMO_STREAM)
+        await client.delete(
+            RedisCounterStore(client, service_name=self.config.service_name, key_prefix=prefix).key
         )
-    producer = StreamProducer(client, stream)
-    started = time.monotonic()
-    try:
-        await runners[0].ensure_group()
-        tasks = [asyncio.create_task(r.run()) for r in runners]
-        workload = _Workload(config, report)
-        outage_at = config.messages * config.outage_start
-        outage_until = config.messages * (config.outage_start + config.outage_length)
-        while not stop.is_set() and (message := workload.next_message()) is not None:
-            broker.outage = outage_at <= report.produced < outage_until
+        store = self.layers[0].dedup_store_for(DEMO_STREAM)
+        if isinstance(store, RedisDedupStore):
+            # every record of the scope shares the key of one record up to its id digest
+            scope_prefix = store.key("streamwarden-demo").rpartition(":")[0] + ":"
+            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", scope_prefix) + "*"
+            batch: list[Any] = []
+            async for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                await client.unlink(*batch)
+
+    async def produce(self) -> None:
+        """Write the workload to the stream at ``config.rate``, the broker down inside the outage window."""
+        from ._runners import StreamProducer
+
+        producer = StreamProducer(self.client, DEMO_STREAM)
+        workload, report, outage = (
+            _Workload(self.config, self.report),
+            self.report,
+            _outage_window(self.config),
+        )
+        while not self.stop.is_set() and (message := workload.next_message()) is not None:
+            self.broker.outage = report.produced in outage
             await producer.send(message, message_id=message.get("id"))
-            await asyncio.sleep(1.0 / config.rate)
-            if on_progress is not None and report.produced % 25 == 0:
-                on_progress(report, 0)
-        broker.outage = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not stop.is_set():
-            info = await client.xpending(stream, "demo")
-            lag = [g for g in await client.xinfo_groups(stream) if as_text(g.get("name")) == "demo"]
+            await asyncio.sleep(1.0 / self.config.rate)
+            if self.on_progress is not None and report.produced % 25 == 0:
+                self.on_progress(report, 0)
+        self.broker.outage = False
+
+    async def wait_drained(self, timeout: float = 120.0) -> None:
+        """Until every entry was delivered to the group and acknowledged (or ``timeout``, or ``stop``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            info = await self.client.xpending(DEMO_STREAM, DEMO_GROUP)
+            groups = await self.client.xinfo_groups(DEMO_STREAM)
+            lag = [g for g in groups if as_text(g.get("name")) == DEMO_GROUP]
             if int(info["pending"]) == 0 and lag and int(lag[0].get("lag") or 0) == 0:
-                break
+                return
             await asyncio.sleep(0.1)
-        for r in runners:
-            r.stop()
-        await asyncio.gather(*tasks)
-        report.elapsed = time.monotonic() - started
-        for r in runners:
+
+    async def run(self) -> DemoReport:
+        """Reset, consume while producing, drain, stop the runners, reconcile; the stream is deleted."""
+        started = time.monotonic()
+        await self.reset()
+        try:
+            await self.runners[0].ensure_group()
+            tasks = [asyncio.create_task(r.run()) for r in self.runners]
+            await self.produce()
+            await self.wait_drained()
+            for r in self.runners:
+                r.stop()
+            await asyncio.gather(*tasks)
+            self.report.elapsed = time.monotonic() - started
+            await self._collect()
+        finally:
+            await self.client.delete(DEMO_STREAM)
+        return self.report
+
+    async def _collect(self) -> None:
+        report = self.report
+        for r in self.runners:
             for outcome, count in r.stats.outcomes.items():
                 report.outcomes[outcome] += count
             report.redeliveries += r.stats.reclaimed
-        report.executed = sum(broker.executed.values())
-        for layer in layers:
+        report.executed = sum(self.broker.executed.values())
+        for layer in self.layers:
             await layer.aclose()
-        report.metrics = await layers[0].metrics_collector.get_reliability_metrics()
+        report.metrics = await self.layers[0].metrics_collector.get_reliability_metrics()
         report.retries = int(report.metrics.get("retry_attempts", 0))
-        entries = await layers[0].dead_letter_store.list(stream, limit=report.produced + 1)
+        entries = await self.layers[0].dead_letter_store.list(DEMO_STREAM, limit=report.produced + 1)
         for entry in entries:
             report.dlq_reasons[entry.reason] += 1
-        _reconcile_ledger(report, broker, Counter(entry.message_id for entry in entries))
-    finally:
-        await client.delete(stream)
-        await client.aclose()
-    return report
+        _reconcile_ledger(report, self.broker, Counter(entry.message_id for entry in entries))
+
+
+async def run_redis_demo(
+    config: DemoConfig,
+    client: Any,
+    *,
+    consumers: int = 3,
+    key_prefix: str = "streamwarden",
+    on_progress: Callable[[DemoReport, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> DemoReport:
+    """The same workload through Redis (``client``, which the caller closes): the stream
+    :data:`DEMO_STREAM`, ``consumers`` runners in the group :data:`DEMO_GROUP`, the Redis dedup store,
+    dead-letter queue and counters. Unacknowledged entries come back via XAUTOCLAIM.
+
+    The demo first deletes its own keys (see the module docstring), so a run never sees the previous
+    one's records; the stream is deleted at the end, dead letters stay for ``streamwarden dlq list``
+    until the next run. Run one Redis demo at a time per Redis and key prefix.
+    """
+    run = _RedisRun(
+        config,
+        client,
+        consumers=consumers,
+        key_prefix=key_prefix,
+        stop=stop or asyncio.Event(),
+        on_progress=on_progress,
+    )
+    return await run.run()
 
 
 def _reconcile_ledger(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:

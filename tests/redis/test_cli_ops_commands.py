@@ -163,10 +163,11 @@ async def test_replay_failure_exits_nonzero(store: RedisDeadLetterStore, invoke:
         pytest.param("_fixtures_dlq:nope", "cannot load", id="missing-attr"),
         pytest.param("no_such_module_x:f", "cannot load", id="missing-module"),
         pytest.param("_fixtures_dlq:OK_HANDLER_CALLS", "not callable", id="not-callable"),
+        pytest.param("json:loads", "not async", id="sync-function"),
     ],
 )
 async def test_replay_rejects_bad_handlers(invoke: Any, handler: str, message: str) -> None:
-    """--handler must name an importable callable."""
+    """--handler must name an importable async callable."""
     result = await invoke("dlq", "replay", "--handler", handler)
     assert result.exit_code == 2
     assert message in result.output
@@ -218,7 +219,12 @@ async def test_unreachable_redis_is_a_clean_error(invoke: Any, redis_server_fact
     server.kill()
     result = await invoke("dlq", "count", "--redis-url", url)
     assert result.exit_code == 1
-    assert "cannot reach Redis" in result.output
+    assert (
+        result.stderr
+        == f"error: cannot reach Redis at redis://user:***@127.0.0.1:{server.port}/0: "
+        + (result.stderr.split(f"{server.port}/0: ", 1)[1])
+    )
+    assert result.stderr.count("\n") == 1
     assert "secretpw" not in result.output
 
 
@@ -268,3 +274,151 @@ async def test_colour_follows_the_terminal_and_no_color(
     assert result.exit_code == 0, result.output
     assert "colourful" in result.output
     assert bool(_COLOUR.search(result.output)) is coloured
+
+
+# --- misuse and hostile input ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["dlq", "purge", "-d", "paymnets", "--yes"], id="purge-yes"),
+        pytest.param(["dlq", "purge", "-d", "paymnets"], id="purge-asks"),
+        pytest.param(["dlq", "count", "-d", "paymnets"], id="count"),
+        pytest.param(["dlq", "list", "-d", "paymnets"], id="list"),
+        pytest.param(
+            ["dlq", "replay", "-d", "paymnets", "--handler", "_fixtures_dlq:ok_handler"], id="replay"
+        ),
+    ],
+)
+async def test_unknown_destination_is_an_error(
+    store: RedisDeadLetterStore, invoke: Any, args: list[str]
+) -> None:
+    """A --destination that names no dead-letter queue (a typo) is one error line and exit code 1,
+    never 'purged 0'; nothing is deleted."""
+    await store.add(entry("payments"))
+    result = await invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [
+        "error: no dead-letter queue for destination 'paymnets' (known destinations: 'payments')"
+    ]
+    assert "purged" not in result.output
+    assert await store.count() == 1
+
+
+async def test_non_utf8_ids_print_as_valid_json_and_tables(store: RedisDeadLetterStore, invoke: Any) -> None:
+    """Entries whose ids are not UTF-8 print as valid UTF-8 JSON (escaped surrogates that read back to
+    the same id) and as readable tables."""
+    odd = "m-\udcff\udcfe"
+    entry_id = await store.add(entry(message_id=odd, payload={"id": odd}, headers={"k\udcff": "v\udc80"}))
+    listed = await invoke("dlq", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    [row] = [json.loads(line) for line in listed.stdout_bytes.decode("utf-8").splitlines()]
+    assert row["message_id"] == odd
+    shown = await invoke("dlq", "show", entry_id, "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout_bytes.decode("utf-8"))["message_id"] == odd
+    table = await invoke("dlq", "show", entry_id)
+    assert table.exit_code == 0, table.output
+    assert "m-\\udcff\\udcfe" in table.stdout_bytes.decode("utf-8")
+    assert (await invoke("dlq", "list")).exit_code == 0
+
+
+#: A password with everything that breaks naive URL handling: '@', '/', '#', '?', ':', '%', unicode.
+HOSTILE_PASSWORD = "Zq@7/xK#Rw?:Lp%zΩé@Nv8"
+
+
+def pieces(secret: str, size: int = 4) -> list[str]:
+    """Every substring of ``secret`` of ``size`` or more characters."""
+    return [secret[i:j] for i in range(len(secret)) for j in range(i + size, len(secret) + 1)]
+
+
+def assert_no_piece(secret: str, *outputs: str) -> None:
+    """No output holds any 4-character piece of ``secret``."""
+    for output in outputs:
+        leaked = [piece for piece in pieces(secret) if piece in output]
+        assert not leaked, (leaked, output)
+
+
+@pytest.fixture
+async def hostile_user(redis_client: redis.asyncio.Redis, redis_url: str) -> str:
+    """An ACL user ``hostile`` whose password is :data:`HOSTILE_PASSWORD`; returns host:port/db."""
+    await redis_client.execute_command(
+        "ACL", "SETUSER", "hostile", "reset", "on", f">{HOSTILE_PASSWORD}", "~*", "&*", "+@all"
+    )
+    return redis_url.removeprefix("redis://")
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param("raw-url", id="raw-in-url"),
+        pytest.param("encoded-url", id="percent-encoded-url"),
+        pytest.param("options", id="options"),
+        pytest.param("env", id="env"),
+    ],
+)
+async def test_hostile_password_works_and_never_shows(
+    store: RedisDeadLetterStore, invoke: Any, hostile_user: str, how: str
+) -> None:
+    """A password with '@', '/', '#', ':', '%' and unicode authenticates however it is given, and no
+    output (tables, --json, errors, logs at DEBUG) holds any 4-character piece of it."""
+    from urllib.parse import quote
+
+    await store.add(entry(error_message="boom"))
+    env: dict[str, str | None] = {}
+    args: list[str] = []
+    if how == "raw-url":
+        args = ["--redis-url", f"redis://hostile:{HOSTILE_PASSWORD}@{hostile_user}"]
+    elif how == "encoded-url":
+        args = ["--redis-url", f"redis://hostile:{quote(HOSTILE_PASSWORD, safe='')}@{hostile_user}"]
+    elif how == "options":
+        args = [
+            "--redis-url",
+            f"redis://{hostile_user}",
+            "--username",
+            "hostile",
+            "--password",
+            HOSTILE_PASSWORD,
+        ]
+    else:
+        env = {
+            "STREAMWARDEN_REDIS_URL": f"redis://{hostile_user}",
+            "STREAMWARDEN_REDIS_USERNAME": "hostile",
+            "STREAMWARDEN_REDIS_PASSWORD": HOSTILE_PASSWORD,
+        }
+    results = [
+        await invoke("dlq", "count", "--json", *args, env=env),
+        await invoke("dlq", "list", *args, env=env),
+        await invoke("metrics", "--json", *args, env=env),
+        await invoke("breakers", *args, env=env),
+        await invoke(
+            "dlq", "replay", "--handler", "_fixtures_dlq:ok_handler", "--dry-run", "--log-level", "DEBUG",
+            *args, env=env,
+        ),
+    ]  # fmt: skip
+    for result in results:
+        assert result.exit_code == 0, result.output
+        assert_no_piece(HOSTILE_PASSWORD, result.stdout, result.stderr)
+    assert json.loads(results[0].stdout)["total"] == 1
+
+
+async def test_wrong_hostile_password_is_one_line(invoke: Any, hostile_user: str) -> None:
+    """A refused password is one line naming the URL without its credentials, exit code 1."""
+    wrong = HOSTILE_PASSWORD[::-1]
+    result = await invoke("dlq", "count", "--redis-url", f"redis://hostile:{wrong}@{hostile_user}")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(
+        f"error: Redis authentication failed at redis://hostile:***@{hostile_user}: "
+    )
+    assert result.stderr.count("\n") == 1
+    assert_no_piece(wrong, result.output)
+
+
+async def test_key_prefix_selects_the_queues(redis_client: redis.asyncio.Redis, invoke: Any) -> None:
+    """--key-prefix (and STREAMWARDEN_KEY_PREFIX) select whose dead letters the commands read."""
+    await RedisDeadLetterStore(redis_client, key_prefix="tenant-a").add(entry())
+    assert (
+        json.loads((await invoke("dlq", "count", "--json", "--key-prefix", "tenant-a")).output)["total"] == 1
+    )
+    from_env = await invoke("dlq", "count", "--json", env={"STREAMWARDEN_KEY_PREFIX": "tenant-a"})
+    assert json.loads(from_env.output)["total"] == 1
+    assert json.loads((await invoke("dlq", "count", "--json")).output)["total"] == 0

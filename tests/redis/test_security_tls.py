@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,13 @@ import pytest
 import redis.asyncio
 from _fixtures_dlq import Handler, make_layer
 from _tls import ServerCertificate, make_ca, make_server_cert
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from _redis_server import RedisServer, _free_port
 from streamwarden import Outcome, ReliabilityLayer, ReliabilitySettings
+from streamwarden._cli import main
 from streamwarden._cli._ops import register
 from streamwarden._redis._dlq import RedisDeadLetterStore
 
@@ -137,3 +139,46 @@ async def test_cli_verifies_the_server(tls: TlsServer, use_right_ca: bool, exit_
     assert result.exit_code == exit_code, result.output
     if not use_right_ca:
         assert "certificate verify failed" in result.output
+
+
+def _main(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+async def test_cli_reads_the_ca_from_the_environment(tls: TlsServer) -> None:
+    """STREAMWARDEN_REDIS_URL and STREAMWARDEN_REDIS_TLS_CA_FILE are enough for a verified connection."""
+    env = {"STREAMWARDEN_REDIS_URL": tls.url, "STREAMWARDEN_REDIS_TLS_CA_FILE": str(tls.cert.ca.cert)}
+    result = await asyncio.to_thread(_main, "dlq", "count", "--json", env=env)
+    assert result.exit_code == 0, result.output
+    assert isinstance(json.loads(result.stdout)["total"], int)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(
+            ["consume", "--stream", "orders", "--group", "g", "--handler", "asyncio:sleep"], id="consume"
+        ),
+        pytest.param(["demo", "--messages", "10"], id="demo"),
+        pytest.param(["breakers"], id="breakers"),
+    ],
+)
+async def test_every_command_refuses_an_unverified_server_in_one_line(
+    tls: TlsServer, command: list[str]
+) -> None:
+    """consume, demo and the operator commands verify the server with --tls-ca-file: a wrong CA is one
+    line, exit code 1, before anything is read or written."""
+    args = [*command, "--redis-url", tls.url, "--tls-ca-file", str(tls.wrong_ca)]
+    result = await asyncio.to_thread(_main, *args)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: cannot reach Redis at {tls.url}: ")
+    assert "certificate verify failed" in line
+
+
+def test_ca_file_needs_a_tls_url(tls: TlsServer) -> None:
+    """--tls-ca-file with a plain redis:// URL is a usage error (it would be silently ignored)."""
+    result = _main("dlq", "count", "--redis-url", tls.server.url, "--tls-ca-file", str(tls.cert.ca.cert))
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert "--tls-ca-file needs a rediss:// URL" in line

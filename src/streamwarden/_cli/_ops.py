@@ -1,13 +1,13 @@
 """Operator commands: ``streamwarden dlq list|show|count|replay|purge``, ``metrics`` and ``breakers``.
 
-:func:`register` adds them to the main ``streamwarden`` click group. Every command connects with
-``--redis-url`` (``STREAMWARDEN_REDIS_URL``; ``rediss://`` for TLS, with ``--tls-ca-file`` to verify
-the server against a private CA), ``--username`` / ``--password`` (``STREAMWARDEN_REDIS_USERNAME`` /
-``STREAMWARDEN_REDIS_PASSWORD``, kept out of the URL and so out of process listings) and
-``--key-prefix`` (``STREAMWARDEN_KEY_PREFIX``).
+:func:`register` adds them to the main ``streamwarden`` click group. Every command connects with the
+shared connection options of :func:`~._common.redis_options` (``--redis-url``, ``--username``,
+``--password``, ``--tls-ca-file``, ``--key-prefix`` and their ``STREAMWARDEN_*`` variables) and fails
+with one ``error:`` line (see :class:`~._common.GuardedCommand`).
 
 Tables and progress bars use rich; colour follows the terminal: none when output is not a TTY or when
-``NO_COLOR`` is set. ``--json`` prints machine-readable output instead.
+``NO_COLOR`` is set. ``--json`` prints machine-readable output instead (valid UTF-8 even for ids that
+are not: their bytes appear as ``\\udcXX`` escapes).
 
 Time filters (``--since`` / ``--until``) take an ISO 8601 time (``2024-06-01T12:00:00Z``; UTC when no
 offset is given), epoch seconds, or an age: ``90s``, ``15m``, ``2h``, ``7d`` ago.
@@ -15,18 +15,15 @@ offset is given), epoch seconds, or an age: ``90s``, ``15m``, ``2h``, ``7d`` ago
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import datetime as dt
-import importlib
-import json
-import os
+import math
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
@@ -34,12 +31,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from .._counters import SEED_COUNTERS, with_rates
+from .._counters import COUNTER_NAMES, with_rates
 from .._dlq import DeadLetterEntry
 from .._redis._breaker import read_shared_breakers
 from .._redis._counters import RedisCounterStore
-from .._redis._dlq import OmittedPayload, RedisDeadLetterStore
+from .._redis._dlq import OmittedPayload, RedisDeadLetterStore, parse_entry_id
 from .._replay import DeadLetterReplayer, ReplayItem, ReplayReport, ReplayResult
+from ._common import (
+    CliError,
+    GuardedCommand,
+    GuardedGroup,
+    RedisTarget,
+    finite_float,
+    json_text,
+    load_handler,
+    log_level_option,
+    make_console,
+    non_empty,
+    printable,
+    redis_options,
+)
 
 __all__ = ["DEFAULT_TRACE_URL_TEMPLATE", "register"]
 
@@ -50,17 +61,11 @@ DEFAULT_TRACE_URL_TEMPLATE = (
     "%22refId%22:%22A%22,%22queryType%22:%22traceql%22,%22query%22:%22{trace_id}%22%7D%5D%7D"
 )
 
-T = TypeVar("T")
-
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
-
-
 def parse_time(value: str | None, *, now: float | None = None) -> float | None:
     """Epoch seconds of an ISO 8601 time, an epoch number, or an age such as ``15m`` (ago)."""
     if value is None or value == "":
@@ -70,9 +75,12 @@ def parse_time(value: str | None, *, now: float | None = None) -> float | None:
     if age:
         return current - float(age.group(1)) * _AGE_SECONDS[age.group(2)]
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if math.isfinite(number):
+            return number
     try:
         parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -97,6 +105,10 @@ def trace_url(template: str, trace_id: str | None, span_id: str | None) -> str |
     return template.replace("{trace_id}", trace_id).replace("{span_id}", span_id or "")
 
 
+def _json(value: Any, **options: Any) -> str:
+    return json_text(value, default=_json_default, **options)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         return {"base64": base64.b64encode(bytes(value)).decode("ascii")}
@@ -116,105 +128,35 @@ def entry_dict(entry: DeadLetterEntry) -> dict[str, Any]:
     return out
 
 
-def _connect(url: str, username: str | None, password: str | None, tls_ca_file: str | None) -> Any:
-    import redis.asyncio
-
-    options: dict[str, Any] = {}
-    if username:
-        options["username"] = username
-    if password:
-        options["password"] = password
-    if tls_ca_file:
-        if not url.startswith("rediss://"):
-            raise click.BadParameter("--tls-ca-file needs a rediss:// URL", param_hint="--redis-url")
-        options["ssl_ca_certs"] = tls_ca_file
-        options["ssl_cert_reqs"] = "required"
-    return redis.asyncio.Redis.from_url(url, **options)
+async def _require_destination(store: RedisDeadLetterStore, destination: str | None) -> None:
+    """A ``--destination`` that names no dead-letter queue is a typo, not an empty queue."""
+    if destination is None:
+        return
+    known = await store.refresh_depths()
+    if destination not in known:
+        names = ", ".join(printable(repr(name)) for name in sorted(known)) or "none"
+        raise CliError(
+            f"no dead-letter queue for destination {printable(repr(destination))} (known destinations: {names})"
+        )
 
 
-class _Conn:
-    """Connection options of one command invocation."""
-
-    def __init__(
-        self, url: str, username: str | None, password: str | None, tls_ca_file: str | None, prefix: str
-    ):
-        self.url = url
-        self.username = username
-        self.password = password
-        self.tls_ca_file = tls_ca_file
-        self.key_prefix = prefix
-
-    def run(self, work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-        """Run ``work(client)`` on a fresh event loop; connection errors become a clean CLI error."""
-        import redis.exceptions
-
-        async def main() -> T:
-            client = _connect(self.url, self.username, self.password, self.tls_ca_file)
-            try:
-                return await work(client)
-            finally:
-                await client.aclose()
-
-        try:
-            return asyncio.run(main())
-        except redis.exceptions.NoPermissionError as exc:
-            raise click.ClickException(f"Redis refused a command (ACL): {exc}") from exc
-        except redis.exceptions.AuthenticationError as exc:
-            raise click.ClickException(f"Redis authentication failed: {exc}") from exc
-        except (redis.exceptions.ConnectionError, OSError) as exc:
-            raise click.ClickException(f"cannot reach Redis at {_redact_url(self.url)}: {exc}") from exc
+def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    try:
+        return parse_time(value)
+    except click.BadParameter as exc:
+        exc.ctx, exc.param = ctx, param
+        raise
 
 
-def _redact_url(url: str) -> str:
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
-
-
-def _redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--redis-url",
-            envvar="STREAMWARDEN_REDIS_URL",
-            default="redis://localhost:6379/0",
-            show_default=True,
-            help="Redis URL (env STREAMWARDEN_REDIS_URL); rediss:// for TLS.",
-        ),
-        click.option("--username", envvar="STREAMWARDEN_REDIS_USERNAME", default=None, help="ACL user."),
-        click.option(
-            "--password", envvar="STREAMWARDEN_REDIS_PASSWORD", default=None, help="ACL password (env var)."
-        ),
-        click.option(
-            "--tls-ca-file",
-            envvar="STREAMWARDEN_REDIS_TLS_CA_FILE",
-            type=click.Path(exists=True, dir_okay=False),
-            default=None,
-            help="CA bundle that must have signed the server certificate (rediss://).",
-        ),
-        click.option(
-            "--key-prefix",
-            envvar="STREAMWARDEN_KEY_PREFIX",
-            default="streamwarden",
-            show_default=True,
-            help="Key prefix of the streamwarden keys.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _conn(kwargs: dict[str, Any]) -> _Conn:
-    return _Conn(
-        kwargs.pop("redis_url"),
-        kwargs.pop("username"),
-        kwargs.pop("password"),
-        kwargs.pop("tls_ca_file"),
-        kwargs.pop("key_prefix"),
-    )
+def _destination_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--destination", "-d", default=None, callback=non_empty, help="Only this destination (stream)."
+    )(func)
 
 
 def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--destination", "-d", default=None, help="Only this destination (stream)."),
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
+        _destination_option,
         click.option("--error-type", default=None, help="Only this error.type (e.g. ValueError)."),
         click.option(
             "--error-class",
@@ -223,9 +165,17 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Only this error class.",
         ),
         click.option(
-            "--since", default=None, help="Dead-lettered at or after (ISO time, epoch, or 15m/2h/7d)."
+            "--since",
+            default=None,
+            callback=_time_option,
+            help="Dead-lettered at or after (ISO time, epoch, or 15m/2h/7d).",
         ),
-        click.option("--until", default=None, help="Dead-lettered at or before (same forms as --since)."),
+        click.option(
+            "--until",
+            default=None,
+            callback=_time_option,
+            help="Dead-lettered at or before (same forms as --since).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -233,38 +183,45 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # --- dlq ---------------------------------------------------------------------------------------------
-@click.group()
+@click.group(cls=GuardedGroup)
 def dlq() -> None:
     """Inspect, replay and purge the dead-letter queue (Redis Streams)."""
 
 
+def _store(client: Any, target: RedisTarget) -> RedisDeadLetterStore:
+    return RedisDeadLetterStore(client, key_prefix=target.key_prefix)
+
+
 @dlq.command("list")
-@_redis_options
+@redis_options()
 @_filter_options
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="Entries to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one entry per line.")
-def dlq_list(**kwargs: Any) -> None:
+def dlq_list(
+    redis_target: RedisTarget,
+    destination: str | None,
+    error_type: str | None,
+    error_class: str | None,
+    since: float | None,
+    until: float | None,
+    limit: int,
+    as_json: bool,
+) -> None:
     """List dead letters, oldest first."""
-    conn = _conn(kwargs)
-    since, until = parse_time(kwargs["since"]), parse_time(kwargs["until"])
 
     async def work(client: Any) -> list[DeadLetterEntry]:
-        store = RedisDeadLetterStore(client, key_prefix=conn.key_prefix)
+        store = _store(client, redis_target)
+        await _require_destination(store, destination)
         return await store.list(
-            kwargs["destination"],
-            limit=kwargs["limit"],
-            error_type=kwargs["error_type"],
-            error_class=kwargs["error_class"],
-            since=since,
-            until=until,
+            destination, limit=limit, error_type=error_type, error_class=error_class, since=since, until=until
         )
 
-    entries = conn.run(work)
-    if kwargs["as_json"]:
+    entries = redis_target.run(work)
+    if as_json:
         for entry in entries:
-            click.echo(json.dumps(entry_dict(entry), default=_json_default, ensure_ascii=False))
+            click.echo(_json(entry_dict(entry)))
         return
-    console = _console()
+    console = make_console()
     if not entries:
         console.print("no dead letters match")
         return
@@ -281,20 +238,33 @@ def dlq_list(**kwargs: Any) -> None:
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for entry in entries:
         table.add_row(
-            entry.entry_id or "",
-            _iso(entry.dead_lettered_at),
-            entry.message_id or "-",
-            entry.error_type,
-            entry.error_class,
-            str(entry.attempts),
-            entry.error_message[:120],
+            *(
+                printable(cell)
+                for cell in (
+                    entry.entry_id or "",
+                    _iso(entry.dead_lettered_at),
+                    entry.message_id or "-",
+                    entry.error_type,
+                    entry.error_class,
+                    str(entry.attempts),
+                    entry.error_message[:120],
+                )
+            )
         )
     console.print(table)
 
 
+def _entry_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if parse_entry_id(value) is None:
+        raise click.BadParameter(
+            f"{printable(repr(value))} is not DESTINATION/STREAM-ID", ctx=ctx, param=param
+        )
+    return value
+
+
 @dlq.command("show")
-@_redis_options
-@click.argument("entry_id")
+@redis_options()
+@click.argument("entry_id", callback=_entry_id)
 @click.option(
     "--trace-url-template",
     envvar="STREAMWARDEN_TRACE_URL",
@@ -303,23 +273,25 @@ def dlq_list(**kwargs: Any) -> None:
     "Default: Grafana Explore on the Tempo data source at localhost:3000.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
-def dlq_show(entry_id: str, trace_url_template: str, as_json: bool, **kwargs: Any) -> None:
+def dlq_show(redis_target: RedisTarget, entry_id: str, trace_url_template: str, as_json: bool) -> None:
     """Print every field of one entry (ENTRY_ID is DESTINATION/STREAM-ID), with its trace link."""
-    conn = _conn(kwargs)
 
     async def work(client: Any) -> DeadLetterEntry | None:
-        return await RedisDeadLetterStore(client, key_prefix=conn.key_prefix).get(entry_id)
+        return await _store(client, redis_target).get(entry_id)
 
-    entry = conn.run(work)
+    entry = redis_target.run(work)
     if entry is None:
-        raise click.ClickException(f"no dead letter {entry_id!r}")
+        raise CliError(f"no dead letter {printable(repr(entry_id))}")
     link = trace_url(trace_url_template, entry.trace_id, entry.span_id)
     if as_json:
         data = entry_dict(entry)
         data["trace_url"] = link
-        click.echo(json.dumps(data, default=_json_default, ensure_ascii=False, indent=2))
+        click.echo(_json(data, indent=2))
         return
-    console = _console()
+    _print_entry(make_console(), entry, link)
+
+
+def _print_entry(console: Console, entry: DeadLetterEntry, link: str | None) -> None:
     rows: list[tuple[str, str]] = [
         ("entry id", entry.entry_id or ""),
         ("destination", entry.destination),
@@ -338,78 +310,68 @@ def dlq_show(entry_id: str, trace_url_template: str, as_json: bool, **kwargs: An
         ("span id", entry.span_id or "-"),
         ("traceparent", entry.traceparent or "-"),
         ("trace link", link or "-"),
-        ("headers", json.dumps(dict(entry.headers), ensure_ascii=False)),
+        ("headers", _json(dict(entry.headers))),
     ]
     if isinstance(entry.payload, OmittedPayload):
         payload = f"<not stored: {entry.payload.reason}, {entry.payload.size} bytes>"
         if entry.payload.preview:
             payload += f" preview: {entry.payload.preview[:500]}"
     else:
-        payload = json.dumps(entry.payload, default=_json_default, ensure_ascii=False)
+        payload = _json(entry.payload)
     rows.append(("payload", payload))
     for name, value in rows:
         line = Text(f"{name}: ", style="bold")
-        line.append(value)
+        line.append(printable(value))
         console.print(line, soft_wrap=True)
     if entry.traceback:
         console.print(Text("traceback:", style="bold"))
-        console.print(Text(entry.traceback), soft_wrap=True)
+        console.print(Text(printable(entry.traceback)), soft_wrap=True)
 
 
 @dlq.command("count")
-@_redis_options
-@click.option("--destination", "-d", default=None, help="Only this destination.")
+@redis_options()
+@_destination_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dlq_count(destination: str | None, as_json: bool, **kwargs: Any) -> None:
+def dlq_count(redis_target: RedisTarget, destination: str | None, as_json: bool) -> None:
     """Count dead letters per destination."""
-    conn = _conn(kwargs)
 
     async def work(client: Any) -> dict[str, int]:
-        store = RedisDeadLetterStore(client, key_prefix=conn.key_prefix)
+        store = _store(client, redis_target)
+        await _require_destination(store, destination)
         if destination is not None:
             return {destination: await store.count(destination)}
         return {d: n for d, n in (await store.refresh_depths()).items() if n > 0}
 
-    counts = conn.run(work)
+    counts = redis_target.run(work)
     if as_json:
-        click.echo(json.dumps({"destinations": counts, "total": sum(counts.values())}))
+        click.echo(_json({"destinations": counts, "total": sum(counts.values())}))
         return
     table = Table(title="dead letters", header_style="bold")
     table.add_column("destination", overflow="fold")
     table.add_column("entries", justify="right")
     for name, count in sorted(counts.items()):
-        table.add_row(name, str(count))
+        table.add_row(printable(name), str(count))
     table.add_row(Text("total", style="bold"), Text(str(sum(counts.values())), style="bold"))
-    _console().print(table)
-
-
-def load_handler(spec: str) -> Callable[[Any], Awaitable[Any]]:
-    """Import ``module:function`` (``function`` may be dotted: ``module:Class.method``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise click.BadParameter("expected module:function", param_hint="--handler")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like `python -m`: handlers of the current project import
-    try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"cannot load {spec!r}: {exc}", param_hint="--handler") from exc
-    if not callable(target):
-        raise click.BadParameter(f"{spec!r} is not callable", param_hint="--handler")
-    handler: Callable[[Any], Awaitable[Any]] = target
-    return handler
+    make_console().print(table)
 
 
 @dlq.command("replay")
-@_redis_options
+@redis_options()
 @_filter_options
 @click.option(
     "--handler",
+    "handler_spec",
     envvar="STREAMWARDEN_REPLAY_HANDLER",
     required=True,
-    help="Processor to run, as module:function (an async def); env STREAMWARDEN_REPLAY_HANDLER.",
+    help="Processor to run, as module:function or module:Class.method (async); env "
+    "STREAMWARDEN_REPLAY_HANDLER.",
+)
+@click.option(
+    "--group",
+    default=None,
+    callback=non_empty,
+    help="Consumer group whose dedup records the replay checks and completes (default: "
+    "STREAMWARDEN_CONSUMER_GROUP); use the group of the consumer that dead-lettered the entries.",
 )
 @click.option("--entry-id", "entry_ids", multiple=True, help="Replay only these entries (repeatable).")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="At most this many entries.")
@@ -419,7 +381,7 @@ def load_handler(spec: str) -> Callable[[Any], Awaitable[Any]]:
     "--rate",
     default=50.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=finite_float(minimum=0),
     help="Replays per second (0: unlimited).",
 )
 @click.option(
@@ -429,27 +391,45 @@ def load_handler(spec: str) -> Callable[[Any], Awaitable[Any]]:
     "from a stream runner (they have a source ref), the payload otherwise.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def dlq_replay(**kwargs: Any) -> None:
+@log_level_option("WARNING")
+def dlq_replay(
+    redis_target: RedisTarget,
+    destination: str | None,
+    error_type: str | None,
+    error_class: str | None,
+    since: float | None,
+    until: float | None,
+    handler_spec: str,
+    group: str | None,
+    entry_ids: tuple[str, ...],
+    limit: int | None,
+    dry_run: bool,
+    force: bool,
+    rate: float,
+    pass_envelope: bool | None,
+    as_json: bool,
+) -> None:
     """Re-run dead letters through the reliability layer (dedup-aware, rate-limited).
 
     An entry is removed only after its message was processed; an id already completed is reported
     skipped_duplicate unless --force. Exits 1 when any entry failed.
     """
-    conn = _conn(kwargs)
-    handler = load_handler(kwargs["handler"])
-    since, until = parse_time(kwargs["since"]), parse_time(kwargs["until"])
-    as_json: bool = kwargs["as_json"]
-    console = _console(stderr=as_json)
+    handler = load_handler(handler_spec)
+    from .._settings import ReliabilitySettings
+
+    overrides: dict[str, Any] = {"key_prefix": redis_target.key_prefix}
+    if group is not None:
+        overrides["consumer_group"] = group
+    settings = ReliabilitySettings(**overrides)
+    console = make_console(stderr=as_json)
 
     async def work(client: Any) -> ReplayReport:
         from .._layer import ReliabilityLayer
-        from .._settings import ReliabilitySettings
 
-        settings = ReliabilitySettings(key_prefix=conn.key_prefix)
-        store = RedisDeadLetterStore(client, key_prefix=conn.key_prefix)
+        store = _store(client, redis_target)
+        await _require_destination(store, destination)
         layer = ReliabilityLayer(client, settings, dead_letter_store=store)
-        rate = kwargs["rate"] or None
-        replayer = DeadLetterReplayer(layer, store, rate_per_second=rate)
+        replayer = DeadLetterReplayer(layer, store, rate_per_second=rate or None)
         progress = Progress(
             TextColumn("[bold]replay"),
             BarColumn(),
@@ -462,38 +442,39 @@ def dlq_replay(**kwargs: Any) -> None:
         task = progress.add_task("replay", total=None, last="")
 
         def on_item(item: ReplayItem, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, last=f"{item.result} {item.entry_id}")
+            progress.update(
+                task, completed=done, total=total, last=printable(f"{item.result} {item.entry_id}")
+            )
 
         try:
             with progress:
                 return await replayer.replay(
                     handler,
-                    destination=kwargs["destination"],
-                    entry_ids=list(kwargs["entry_ids"]) or None,
-                    error_type=kwargs["error_type"],
-                    error_class=kwargs["error_class"],
+                    destination=destination,
+                    entry_ids=list(entry_ids) or None,
+                    error_type=error_type,
+                    error_class=error_class,
                     since=since,
                     until=until,
-                    limit=kwargs["limit"],
-                    dry_run=kwargs["dry_run"],
-                    force=kwargs["force"],
-                    pass_envelope=kwargs["pass_envelope"],
+                    limit=limit,
+                    dry_run=dry_run,
+                    force=force,
+                    pass_envelope=pass_envelope,
                     progress=on_item,
                 )
         finally:
             await layer.deduplication_manager.aclose()  # flushes deferred completions, if any
 
-    report = conn.run(work)
+    report = redis_target.run(work)
     if as_json:
         click.echo(
-            json.dumps(
+            _json(
                 {
                     "counts": report.counts(),
                     "missing": report.missing,
                     "stopped": report.stopped,
                     "items": [dataclasses.asdict(item) for item in report.items],
-                },
-                default=_json_default,
+                }
             )
         )
     else:
@@ -522,104 +503,109 @@ def _print_replay(console: Console, report: ReplayReport) -> None:
             if item.new_entry_id:
                 detail = f"{detail} (now {item.new_entry_id}, attempts {item.attempts})"
             table.add_row(
-                item.entry_id,
-                item.message_id or "-",
+                printable(item.entry_id),
+                printable(item.message_id or "-"),
                 Text(str(item.result), style=_RESULT_STYLE[item.result]),
-                detail,
+                printable(detail),
             )
         console.print(table)
     counts = ", ".join(f"{name} {count}" for name, count in report.counts().items())
     console.print(f"replayed: {counts}")
     if report.missing:
-        console.print(f"not found (already replayed or purged): {', '.join(report.missing)}")
+        console.print(printable(f"not found (already replayed or purged): {', '.join(report.missing)}"))
     if report.stopped:
-        console.print(Text(f"stopped: {report.stopped}", style="red"))
+        console.print(Text(printable(f"stopped: {report.stopped}"), style="red"))
 
 
 @dlq.command("purge")
-@_redis_options
-@click.option("--destination", "-d", default=None, help="Only this destination (default: all).")
+@redis_options()
+@click.option(
+    "--destination", "-d", default=None, callback=non_empty, help="Only this destination (default: all)."
+)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def dlq_purge(destination: str | None, yes: bool, **kwargs: Any) -> None:
-    """Delete dead letters for good (asks first unless --yes)."""
-    conn = _conn(kwargs)
-    where = f"destination {destination!r}" if destination else "every destination"
+def dlq_purge(redis_target: RedisTarget, destination: str | None, yes: bool) -> None:
+    """Delete dead letters for good (asks first unless --yes).
+
+    Exits 1 when --destination names no dead-letter queue (a typo purges nothing).
+    """
+    where = printable(f"destination {destination!r}") if destination else "every destination"
 
     async def count(client: Any) -> int:
-        return await RedisDeadLetterStore(client, key_prefix=conn.key_prefix).count(destination)
+        store = _store(client, redis_target)
+        await _require_destination(store, destination)
+        return await store.count(destination)
 
+    found = redis_target.run(count)
     if not yes:
-        found = conn.run(count)
         if found == 0:
             click.echo(f"no dead letters in {where}")
             return
         click.confirm(f"Delete {found} dead letter(s) from {where}?", abort=True)
 
     async def purge(client: Any) -> int:
-        return await RedisDeadLetterStore(client, key_prefix=conn.key_prefix).purge(destination)
+        return await _store(client, redis_target).purge(destination)
 
-    removed = conn.run(purge)
+    removed = redis_target.run(purge)
     click.echo(f"purged {removed} dead letter(s) from {where}")
 
 
 # --- metrics and breakers -------------------------------------------------------------------------
-@click.command("metrics")
-@_redis_options
+@click.command("metrics", cls=GuardedCommand)
+@redis_options()
 @click.option(
     "--service",
     envvar="STREAMWARDEN_SERVICE_NAME",
     default="streamwarden",
     show_default=True,
+    callback=non_empty,
     help="Service whose fleet counters to show (env STREAMWARDEN_SERVICE_NAME).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def metrics(service: str, as_json: bool, **kwargs: Any) -> None:
+def metrics(redis_target: RedisTarget, service: str, as_json: bool) -> None:
     """Fleet-wide reliability counters of a service, with success / dedup / error rates."""
-    conn = _conn(kwargs)
 
     async def work(client: Any) -> dict[str, int]:
-        return await RedisCounterStore(client, service_name=service, key_prefix=conn.key_prefix).totals()
+        return await RedisCounterStore(
+            client, service_name=service, key_prefix=redis_target.key_prefix
+        ).totals()
 
-    totals = conn.run(work)
-    counts = dict.fromkeys(SEED_COUNTERS, 0)
+    totals = redis_target.run(work)
+    counts = dict.fromkeys(COUNTER_NAMES, 0)
     counts.update(totals)
     report = with_rates(counts)
     if as_json:
-        click.echo(json.dumps({"service": service, **report}))
+        click.echo(_json({"service": service, **report}))
         return
-    table = Table(title=f"streamwarden metrics: {service}", header_style="bold")
+    table = Table(title=printable(f"streamwarden metrics: {service}"), header_style="bold")
     table.add_column("counter")
     table.add_column("value", justify="right")
-    for name in [*SEED_COUNTERS, *sorted(set(totals) - set(SEED_COUNTERS))]:
-        table.add_row(name, str(counts[name]))
+    for name in [*COUNTER_NAMES, *sorted(set(totals) - set(COUNTER_NAMES))]:
+        table.add_row(printable(name), str(counts[name]))
     for name in ("success_rate", "deduplication_rate", "error_rate"):
         table.add_row(Text(name, style="bold"), Text(f"{report[name]:.2%}", style="bold"))
-    _console().print(table)
+    make_console().print(table)
 
 
 _STATE_STYLE = {"closed": "green", "open": "red", "half_open": "yellow"}
 
 
-@click.command("breakers")
-@_redis_options
+@click.command("breakers", cls=GuardedCommand)
+@redis_options()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def breakers(as_json: bool, **kwargs: Any) -> None:
+def breakers(redis_target: RedisTarget, as_json: bool) -> None:
     """Shared circuit-breaker states, as the fleet last published them."""
-    conn = _conn(kwargs)
 
     async def work(client: Any) -> Any:
-        return await read_shared_breakers(client, key_prefix=conn.key_prefix)
+        return await read_shared_breakers(client, key_prefix=redis_target.key_prefix)
 
-    states = conn.run(work)
+    states = redis_target.run(work)
     now = time.time()
     if as_json:
         click.echo(
-            json.dumps(
-                [dict(dataclasses.asdict(s), retry_after=round(s.retry_after(now), 3)) for s in states]
-            )
+            _json([dict(dataclasses.asdict(s), retry_after=round(s.retry_after(now), 3)) for s in states])
         )
         return
-    console = _console()
+    console = make_console()
     if not states:
         console.print("no shared breaker state published")
         return
@@ -628,11 +614,11 @@ def breakers(as_json: bool, **kwargs: Any) -> None:
         table.add_column(name, overflow="fold")
     for s in states:
         table.add_row(
-            s.name,
+            printable(s.name),
             Text(s.state, style=_STATE_STYLE.get(s.state, "")),
             f"{s.retry_after(now):.1f}s" if s.state == "open" else "-",
             str(s.version),
-            s.origin,
+            printable(s.origin),
             _iso(s.updated_at),
         )
     console.print(table)
