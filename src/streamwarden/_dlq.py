@@ -14,49 +14,48 @@ message is then not acknowledged and nothing is lost or overwritten.
 from __future__ import annotations
 
 import builtins
+import enum
 import itertools
+import re
 import time
 import traceback as tb_module
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
-from ._exceptions import DeadLetterQueueFullError
+from ._exceptions import DeadLetterQueueFullError, error_type_name
 
 __all__ = [
+    "DEFAULT_REDACT_HEADER_NAMES",
+    "DEFAULT_REDACT_PATTERNS",
+    "REDACTED",
     "DeadLetterEntry",
     "DeadLetterReason",
     "DeadLetterStore",
     "DepthRefreshing",
     "DepthReporting",
     "InMemoryDeadLetterStore",
+    "NamedQueues",
     "OmittedPayload",
+    "Redactor",
     "ReplacingStore",
     "entry_matches",
     "error_type_name",
     "format_traceback",
+    "format_traceback_safely",
     "tail_text",
 ]
 
 MAX_ERROR_MESSAGE_CHARS = 2048
 
 
-class DeadLetterReason:
+class DeadLetterReason(enum.StrEnum):
     """Why a message was dead-lettered (the ``streamwarden.dlq.reason`` attribute)."""
 
     ERROR = "error"
     MISSING_ID = "missing_id"
     INVALID_MESSAGE = "invalid_message"
     POISON = "poison"
-
-
-def error_type_name(error: BaseException) -> str:
-    """Low-cardinality ``error.type`` value: the exception's qualified name, module-prefixed unless builtin."""
-    cls = type(error)
-    module = cls.__module__
-    if module == "builtins":
-        return cls.__qualname__
-    return f"{module}.{cls.__qualname__}"
 
 
 def tail_text(text: str, max_chars: int) -> str:
@@ -77,6 +76,15 @@ def format_traceback(error: BaseException, max_chars: int) -> str:
     if max_chars <= 0:
         return ""
     return tail_text("".join(tb_module.format_exception(error)), max_chars)
+
+
+def format_traceback_safely(error: BaseException, max_chars: int) -> str:
+    """:func:`format_traceback`, or a short placeholder when the exception object breaks formatting
+    (a ``__notes__`` that is not a list, a property that raises): describing a failure never fails."""
+    try:
+        return format_traceback(error, max_chars)
+    except Exception as broken:
+        return tail_text(f"<traceback unavailable: {type(broken).__name__}>", max_chars)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,8 @@ class DeadLetterEntry:
     source_ref: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
+    #: the consumer group that failed it (with ``destination``, the dedup scope a replay runs in)
+    consumer_group: str | None = None
     entry_id: str | None = None
 
     @property
@@ -132,6 +142,104 @@ class DeadLetterEntry:
         if len(text) <= MAX_ERROR_MESSAGE_CHARS:
             return text
         return text[: MAX_ERROR_MESSAGE_CHARS - 15] + "...[truncated]"
+
+
+REDACTED: Final = "[REDACTED]"
+
+_SECRET_NAMES: Final = (
+    r"(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|secret[_-]?key"
+    r"|client[_-]?secret|private[_-]?key|credentials?)"
+)
+
+#: Regular expressions whose matches are redacted. When a pattern has a group named ``secret`` only that
+#: group is replaced by ``[REDACTED]`` (the key name stays readable); otherwise the whole match is.
+DEFAULT_REDACT_PATTERNS: Final[tuple[str, ...]] = (
+    # password=..., token: ..., "api_key": "...", client_secret=..., in URLs, logs, JSON and repr()s.
+    # A quoted value is redacted up to its closing quote (spaces and escaped quotes included; to the end
+    # of the line when the quote is never closed), an unquoted one up to whitespace or a delimiter; an
+    # already redacted value is left alone, so redacting twice (layer, then store) changes nothing.
+    r"(?i)" + _SECRET_NAMES + r"""["']?\s*[:=]\s*(?P<q>["'])?"""
+    r"""(?P<secret>(?(q)(?:\\.|(?!(?P=q))[^\\\r\n])+|(?!\[REDACTED\])[^\s"'&,;}\]]+))""",
+    # Authorization: Bearer <token> / Basic <credentials>
+    r"(?i)\b(?:bearer|basic)\s+(?P<secret>[A-Za-z0-9._~+/=-]{6,})",
+    # AWS access key ids
+    r"\b(?P<secret>(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16})\b",
+    # AWS secret access keys next to a telling name (aws_secret_access_key = ..., AWS_SECRET=...)
+    r"""(?i)aws[A-Za-z_ -]{0,24}(?:secret|key)["']?\s*[:=]\s*["']?(?P<secret>[A-Za-z0-9/+=]{40})""",
+    # user:password@ in URLs (redis://user:pw@host, https://user:pw@host)
+    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:(?P<secret>[^@\s/]+)@",
+)
+
+#: Header names whose values are always redacted whole (case-insensitive).
+DEFAULT_REDACT_HEADER_NAMES: Final[tuple[str, ...]] = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+)
+
+
+class Redactor:
+    """Redacts secrets from text and header values with a list of regular expressions.
+
+    Every dead-letter store runs the error message, the traceback and the header values of an entry
+    through one before storing it: secrets are never printed or stored.
+
+    >>> Redactor().text("login failed: password=hunter2")
+    'login failed: password=[REDACTED]'
+    >>> Redactor().text('{"password": "correct horse battery", "user": "bob"}')
+    '{"password": "[REDACTED]", "user": "bob"}'
+    """
+
+    __slots__ = ("_header_names", "_patterns")
+
+    def __init__(
+        self,
+        patterns: Iterable[str | re.Pattern[str]] = DEFAULT_REDACT_PATTERNS,
+        *,
+        header_names: Iterable[str] = DEFAULT_REDACT_HEADER_NAMES,
+    ) -> None:
+        self._patterns = tuple(p if isinstance(p, re.Pattern) else re.compile(p) for p in patterns)
+        self._header_names = frozenset(h.lower() for h in header_names)
+
+    def text(self, text: str) -> str:
+        """``text`` with every match of every pattern redacted."""
+        for pattern in self._patterns:
+            if "secret" in pattern.groupindex:
+                text = pattern.sub(_redact_secret_group, text)
+            else:
+                text = pattern.sub(REDACTED, text)
+        return text
+
+    def headers(self, headers: Mapping[str, Any]) -> dict[str, str]:
+        """Header values as text, redacted; values of sensitive header names are redacted whole."""
+        out: dict[str, str] = {}
+        for name, value in headers.items():
+            key = str(name)
+            out[key] = REDACTED if key.lower() in self._header_names else self.text(str(value))
+        return out
+
+    def entry(self, entry: DeadLetterEntry, max_traceback_chars: int) -> DeadLetterEntry:
+        """``entry`` as a store keeps it: the error message redacted and bounded, the traceback redacted
+        and then cut to its last ``max_traceback_chars`` characters, header values redacted; the
+        payload as it is (a replay needs it)."""
+        return replace(
+            entry,
+            error_message=DeadLetterEntry.bound_message(self.text(entry.error_message)),
+            traceback=tail_text(self.text(entry.traceback), max_traceback_chars),
+            headers=self.headers(entry.headers),
+        )
+
+
+def _redact_secret_group(match: re.Match[str]) -> str:
+    start, end = match.span("secret")
+    if start < 0:
+        return REDACTED
+    whole = match.group(0)
+    offset = match.start()
+    return whole[: start - offset] + REDACTED + whole[end - offset :]
 
 
 def entry_matches(
@@ -213,6 +321,15 @@ class DepthRefreshing(Protocol):
 
 
 @runtime_checkable
+class NamedQueues(Protocol):
+    """A store that can name where a destination's entries are written (for the ``send`` span)."""
+
+    def queue_name(self, destination: str) -> str:
+        """The queue (e.g. the Redis stream key) holding ``destination``'s dead letters."""
+        ...
+
+
+@runtime_checkable
 class ReplacingStore(Protocol):
     """A store that can append one entry and delete others in one atomic step."""
 
@@ -222,24 +339,39 @@ class ReplacingStore(Protocol):
 
 
 class InMemoryDeadLetterStore:
-    """The embedded dead-letter store: bounded, never drops or overwrites; full means the write fails."""
+    """The embedded dead-letter store: bounded, never drops or overwrites; full means the write fails.
 
-    def __init__(self, *, max_entries: int = 100_000) -> None:
+    Entries are redacted on the way in as the Redis store does it (:meth:`Redactor.entry`): the error
+    message, the traceback (then bounded to its last ``max_traceback_chars`` characters) and header
+    values go through ``redact_patterns``, values of ``redact_header_names`` are redacted whole; the
+    payload is kept for replay.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 100_000,
+        redact_patterns: Iterable[str | re.Pattern[str]] = DEFAULT_REDACT_PATTERNS,
+        redact_header_names: Iterable[str] = DEFAULT_REDACT_HEADER_NAMES,
+        max_traceback_chars: int = 65_536,
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
+        self.max_traceback_chars = max_traceback_chars
+        self.redactor = Redactor(redact_patterns, header_names=redact_header_names)
         self._entries: dict[str, DeadLetterEntry] = {}
         self._depth: dict[str, int] = {}
         self._seq = itertools.count(1)
 
     async def add(self, entry: DeadLetterEntry) -> str:
-        """Store ``entry``; raises :class:`DeadLetterQueueFullError` at capacity."""
+        """Store ``entry``, redacted; raises :class:`DeadLetterQueueFullError` at capacity."""
         if len(self._entries) >= self.max_entries:
             raise DeadLetterQueueFullError(
                 f"dead-letter store is full ({self.max_entries} entries); purge or replay entries"
             )
         entry_id = f"{int(time.time() * 1000)}-{next(self._seq)}"
-        self._entries[entry_id] = entry.with_id(entry_id)
+        self._entries[entry_id] = self.redactor.entry(entry, self.max_traceback_chars).with_id(entry_id)
         self._depth[entry.destination] = self._depth.get(entry.destination, 0) + 1
         return entry_id
 

@@ -19,32 +19,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from streamwarden import ReliabilityLayer, ReliabilitySettings
 from streamwarden._dlq import DeadLetterEntry
 
-#: What a least-privilege streamwarden user needs: its own keys and channels, streams, hashes, sets,
-#: transactions and scripts; nothing dangerous (no KEYS, FLUSHALL, CONFIG, DEBUG, ...). On Redis >= 7.2
-#: add ``+client|setinfo`` (redis-py ignores its refusal, and 7.0 does not know the command).
-LEAST_PRIVILEGE_RULES: tuple[str, ...] = (
-    "resetkeys",
-    "~streamwarden:*",
-    "resetchannels",
-    "&streamwarden:*",
-    "-@all",
-    "+@read",
-    "+@write",
-    "+@stream",
-    "+@hash",
-    "+@set",
-    "+@transaction",
-    "+@scripting",
-    "+ping",
-    "+time",  # the dedup script reads the server clock
-    "+hello",
-    "+client|setname",
-    "-@dangerous",
-    "-script|flush",
-    "-script|kill",
-    "-function",
-)
-
 
 async def create_acl_user(admin: Any, name: str, password: str, rules: Sequence[str]) -> None:
     """``ACL SETUSER name on >password rules...`` through an admin client."""

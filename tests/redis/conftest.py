@@ -162,7 +162,8 @@ LeaseExpiry = Callable[..., Awaitable[None]]
 
 
 async def _wait_lease_expired(client: Any, key: str, timeout: float = 5.0) -> None:
-    """Return once the lease recorded at ``key`` has run out on the server's clock (``e`` <= TIME)."""
+    """Return once the lease (or dead-letter marker) recorded at ``key`` has run out on the server's
+    clock (``e`` <= TIME)."""
     deadline = time.monotonic() + timeout
     while True:
         raw = await client.hget(key, "e")
@@ -175,7 +176,8 @@ async def _wait_lease_expired(client: Any, key: str, timeout: float = 5.0) -> No
 
 @pytest.fixture
 def lease_expired() -> LeaseExpiry:
-    """``await lease_expired(client, key)``: poll (bounded) until the lease at ``key`` has expired."""
+    """``await lease_expired(client, key)``: poll (bounded) until the lease or dead-letter marker at
+    ``key`` has expired."""
     return _wait_lease_expired
 
 

@@ -10,6 +10,7 @@ import redis.asyncio
 from redis.crc import key_slot
 
 from streamwarden import ClaimStatus, Outcome, ReliabilityLayer, ReliabilitySettings
+from streamwarden._dedup import RecordState
 from streamwarden._redis._dedup import RedisDedupStore
 
 StoreFactory = Callable[..., RedisDedupStore]
@@ -151,3 +152,33 @@ async def test_cluster_eviction_policy_checked_on_every_primary(
     finally:
         await node.config_set("maxmemory-policy", "noeviction")
         await node.aclose()
+
+
+async def test_cluster_scopes_markers_states_and_forget(
+    cluster_client: redis.asyncio.RedisCluster, store_factory: StoreFactory
+) -> None:
+    """On a cluster every v2 operation is one single-key script: scopes keep groups apart, the
+    dead-letter marker is a duplicate but not a completion, forget keeps the fencing history, and the
+    attempt counter follows releases."""
+    group1 = store_factory(cluster_client, local_cache_size=0)
+    group2 = group1.scoped(f"{group1.scope}/group-2 {{x}}")  # any text: hashed, no hash tag
+    assert "{" not in group2.key("m")
+    ids = [f"v2-{i}" for i in range(12)]
+    assert len(await nodes_of(cluster_client, [group1.key(m) for m in ids])) == 3
+    claims = await group1.claim_many(ids, 30.0)
+    leases = [c.lease for c in claims if c.lease is not None]
+    assert [c.attempt for c in claims] == [1] * 12
+    assert [await group1.mark_dead_lettered(lease, 30.0) for lease in leases[:4]] == [True] * 4
+    assert [await group1.release(lease, attempted=False) for lease in leases[4:8]] == [True] * 4
+    assert await group1.complete_many(leases[8:], 60.0) == [True] * 4
+    assert [await group1.state(m) for m in ids] == (
+        [RecordState.DEAD_LETTERED] * 4 + [RecordState.RELEASED] * 4 + [RecordState.COMPLETED] * 4
+    )
+    assert not any([await group1.is_completed(m) for m in ids[:4]])
+    again = await group1.claim_many(ids, 30.0)
+    assert [r.status for r in again] == [DUPLICATE] * 4 + [NEW] * 4 + [DUPLICATE] * 4
+    assert [r.attempt for r in again[4:8]] == [1] * 4  # the unattempted runs were taken back
+    assert [await group1.forget(m) for m in ids[:4]] == [True] * 4
+    forgotten = await group1.claim_many(ids[:4], 30.0)
+    assert [r.lease.fencing_token for r in forgotten if r.lease is not None] == [2] * 4
+    assert {r.status for r in await group2.claim_many(ids, 30.0)} == {NEW}

@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus, Outcome, ReliabilityLayer, ReliabilitySettings
 from streamwarden import _names as n
+from streamwarden._dedup import RecordState
 from streamwarden._redis._dedup import RedisDedupStore
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
@@ -37,9 +38,11 @@ class Handler:
 
 
 def make_layer(store: RedisDedupStore, **settings: Any) -> ReliabilityLayer:
-    """A layer on the Redis dedup store (embedded DLQ and counters), no retries, no timeout."""
+    """A layer on the Redis dedup store (embedded DLQ and counters), no retries, no timeout; its
+    records in the store's own scope (``dedup_scope``), so the test reads them where the layer writes."""
     settings.setdefault("max_retries", 0)
     settings.setdefault("processing_timeout", None)
+    settings.setdefault("dedup_scope", store.scope)
     return ReliabilityLayer(None, ReliabilitySettings(**settings), dedup_store=store)
 
 
@@ -95,26 +98,55 @@ async def test_plain_set_nx_would_report_a_false_duplicate(
     assert await redis_client.get("naive-key") == b"me"
 
 
-@pytest.mark.parametrize("operation", ["claim_many", "complete", "release"])
+@pytest.mark.parametrize(
+    "operation", ["claim_many", "complete", "release", "release_unattempted", "mark_dead_lettered", "forget"]
+)
 async def test_lost_reply_of_other_operations_is_idempotent(
-    proxy: ReplyDroppingProxy, client_factory: ClientFactory, store_factory: StoreFactory, operation: str
+    proxy: ReplyDroppingProxy,
+    redis_client: redis.asyncio.Redis,
+    client_factory: ClientFactory,
+    store_factory: StoreFactory,
+    operation: str,
 ) -> None:
-    """Batch claims, completions and releases re-sent after a lost reply still report success for their owner."""
-    store = store_factory(client_factory(proxy.port, retry=Retry(NoBackoff(), 2)))
+    """Batch claims, completions, releases, dead-letter marks and forgets re-sent after a lost reply
+    still report success for their owner, and change the record once (a release of a lease whose
+    handler never ran takes back one attempt, not two)."""
+    store = store_factory(client_factory(proxy.port, retry=Retry(NoBackoff(), 2)), local_cache_size=0)
     await _warm(store)
     if operation == "claim_many":
         proxy.drop_reply_to(b"EVALSHA")
         results = await store.claim_many(["b-1", "b-2", "b-1"], 30.0)
+        assert proxy.seen[b"EVALSHA"] == 2  # the batch really ran twice on the server
         assert [r.status for r in results] == [NEW, NEW, IN_PROGRESS]
+        assert [r.attempt for r in results] == [1, 1, 0]
+        assert proxy.dropped == 1
+        return
+    first = (await store.claim("op", 30.0)).lease
+    assert first is not None
+    assert await store.release(first)
+    lease = (await store.claim("op", 30.0)).lease  # attempt 2
+    assert lease is not None
+    proxy.drop_reply_to(b"EVALSHA")
+    if operation == "complete":
+        assert await store.complete(lease, 60.0) is True
+    elif operation == "release":
+        assert await store.release(lease) is True
+    elif operation == "release_unattempted":
+        assert await store.release(lease, attempted=False) is True
+    elif operation == "mark_dead_lettered":
+        assert await store.mark_dead_lettered(lease, 30.0) is True
     else:
-        lease = (await store.claim("op", 30.0)).lease
-        assert lease is not None
-        proxy.drop_reply_to(b"EVALSHA")
-        if operation == "complete":
-            assert await store.complete(lease, 60.0) is True
-        else:
-            assert await store.release(lease) is True
+        assert await store.forget("op") is True
+    assert proxy.seen[b"EVALSHA"] == 2  # the call really ran twice on the server
     assert proxy.dropped == 1
+    expected = {
+        "complete": (RecordState.COMPLETED, b"2"),
+        "release": (RecordState.RELEASED, b"2"),
+        "release_unattempted": (RecordState.RELEASED, b"1"),  # taken back once, not twice
+        "mark_dead_lettered": (RecordState.DEAD_LETTERED, b"2"),
+        "forget": (RecordState.RELEASED, b"0"),
+    }[operation]
+    assert (await store.state("op"), await redis_client.hget(store.key("op"), "a")) == expected
 
 
 async def test_failed_claim_without_retry_is_recognised_on_the_next_claim(

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus
+from streamwarden._dedup import RecordState
 from streamwarden._redis._dedup import _SHA, RedisDedupStore, _pack
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
@@ -117,6 +118,7 @@ async def test_claim_with_a_deferred_completion_riding_along(
     if expected is NEW:
         assert result.lease is not None
         assert result.lease.fencing_token == (2 if state == "expired" else 1)
+        assert result.attempt == (2 if state == "expired" else 1)  # the dead owner's run counts
         assert result.takeover is (state == "expired")
         assert store.takeovers == (1 if state == "expired" else 0)
         assert await store.complete(result.lease, 60.0) is True
@@ -158,6 +160,47 @@ async def test_single_completion_is_owner_checked(
     assert record[b"s"] == b"c"
     assert record[b"p"] == b"sha256:f"
     assert 59_000 < await redis_client.pttl(store.key("x")) <= 60_000
+
+
+@pytest.mark.parametrize("path", ["c", "dc", "batch"])
+@pytest.mark.parametrize(
+    ("stored_attempts", "expected_attempt"),
+    [(5, 6), (70_000, 65_535)],
+    ids=["attempts", "attempts-saturated"],
+)
+async def test_claim_reply_carries_big_fencing_tokens_and_attempts_exactly(
+    redis_client: redis.asyncio.Redis,
+    store_factory: StoreFactory,
+    path: str,
+    stored_attempts: int,
+    expected_attempt: int,
+) -> None:
+    """Every claim path (``c``, ``dc``, a batch) packs the attempt counter under the fencing token in
+    one reply: a token past 2^32 and the counter come back exact (the counter capped at 65535 in the
+    reply, exact in the record), still one call per claim."""
+    store = store_factory(
+        redis_client, local_cache_size=0, defer_completions=(path == "dc"), flush_interval=60.0
+    )
+    fence = 2**32
+    await redis_client.hset(store.key("big"), mapping={"s": "r", "f": fence, "a": stored_attempts})
+    if path == "dc":
+        previous = (await store.claim("previous", 30.0)).lease
+        assert previous is not None
+        assert await store.complete(previous, 60.0)  # queued: rides along with the next claim
+    calls = await command_calls(redis_client, "evalsha")
+    if path == "batch":
+        (result,) = await store.claim_many(["big"], 30.0)
+    else:
+        result = await store.claim("big", 30.0)
+    assert await command_calls(redis_client, "evalsha") == calls + 1
+    assert result.status is NEW
+    assert result.lease is not None
+    assert result.lease.fencing_token == fence + 1
+    assert result.attempt == expected_attempt
+    assert int(await redis_client.hget(store.key("big"), "a")) == stored_attempts + 1
+    if path == "dc":
+        assert store.lost_completions == 0
+        assert await store.state("previous") is RecordState.COMPLETED
 
 
 # --- lost replies of the single-op calls ------------------------------------------------------------

@@ -14,7 +14,7 @@ import redis.exceptions
 
 from _redis_server import RedisServer
 from streamwarden import ClaimStatus, ConfigurationError, DedupStore
-from streamwarden._dedup import LocalDedupStore
+from streamwarden._dedup import LocalDedupStore, RecordState
 from streamwarden._redis._dedup import RedisDedupStore
 
 ClientFactory = Callable[..., redis.asyncio.Redis]
@@ -259,7 +259,8 @@ async def test_cache_learns_fingerprints_only_when_redis_compared_them(
 async def test_mark_completed_is_completed_and_forget(
     redis_client: redis.asyncio.Redis, store_factory: StoreFactory
 ) -> None:
-    """mark_completed records an id without a claim (cutting off any lease); forget deletes it, local cache included."""
+    """mark_completed records an id without a claim (cutting off any lease); forget makes it claimable
+    again (a released record, local cache included) and reports whether a record existed."""
     store = store_factory(redis_client)
     lease = (await store.claim("k", 30.0)).lease
     assert lease is not None
@@ -268,9 +269,15 @@ async def test_mark_completed_is_completed_and_forget(
     assert await store.complete(lease, 60.0) is False  # the mark cut the lease off
     assert (await store.claim("k", 30.0)).status is DUPLICATE  # answered by the local cache
     assert await store.forget("k") is True
-    assert await store.forget("k") is False
     assert not await store.is_completed("k")
-    assert (await store.claim("k", 30.0)).status is NEW
+    assert await store.state("k") is RecordState.RELEASED
+    assert await store.forget("k") is True  # the released record is still a record
+    assert await store.forget("never-seen") is False
+    assert await redis_client.exists(store.key("never-seen")) == 0  # forget creates nothing
+    again = await store.claim("k", 30.0)
+    assert again.status is NEW
+    assert again.lease is not None
+    assert again.lease.fencing_token == 2  # the mark kept the first claim's token
 
 
 HOSTILE_IDS = {
@@ -315,11 +322,37 @@ async def test_hostile_ids_map_to_distinct_fixed_length_keys(
 @pytest.mark.parametrize(
     "bad", ["{tag}", "a}", "", "x{"], ids=["hash-tag", "close-brace", "empty", "open-brace"]
 )
-@pytest.mark.parametrize("field", ["key_prefix", "scope"])
-def test_prefix_and_scope_without_hash_tags(redis_client: redis.asyncio.Redis, field: str, bad: str) -> None:
-    """A key_prefix or scope that is empty or holds '{' / '}' is a ConfigurationError (it would pin all records to one slot)."""
+def test_key_prefix_without_hash_tags(redis_client: redis.asyncio.Redis, bad: str) -> None:
+    """A key_prefix that is empty or holds '{' / '}' is a ConfigurationError (it would pin all records to one slot)."""
     with pytest.raises(ConfigurationError):
-        RedisDedupStore(redis_client, **{field: bad})
+        RedisDedupStore(redis_client, key_prefix=bad)
+
+
+@pytest.mark.parametrize(
+    "scope",
+    ["{tag}", "a}", "", "orders/group 1", "ü", "x" * 300, "\ud800", "orders:g-1.v2"],
+    ids=["hash-tag", "close-brace", "empty", "slash-space", "non-ascii", "long", "lone-surrogate", "safe"],
+)
+async def test_any_string_is_a_scope(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, scope: str
+) -> None:
+    """Any scope works: a short printable one appears in the key as it is, any other is hashed, so keys
+    stay printable, bounded and free of hash tags."""
+    store = store_factory(redis_client, scope=scope)
+    key = store.key("m")
+    assert store.scope == scope
+    middle = key.removeprefix("streamwarden:dedup:").rsplit(":", 1)[0]
+    if scope == "orders:g-1.v2":
+        assert middle == scope
+    else:
+        assert middle.startswith("#")
+        assert len(middle) == 65
+    assert "{" not in key
+    assert "}" not in key
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    assert await store.complete(lease, 60.0)
+    assert await redis_client.hget(key, "s") == b"c"
 
 
 async def test_claim_many_mixed_answers_in_order(
@@ -475,20 +508,20 @@ async def test_forget_drops_a_queued_completion(
     await store.complete(lease, 60.0)
     assert await store.forget("gone") is True
     await store.flush()
-    assert await redis_client.exists(store.key("gone")) == 0
+    assert await store.state("gone") is RecordState.RELEASED
     assert (await store.claim("gone", 30.0)).status is NEW
 
 
 DEDUP_ACL = [
     "dedup", "on", ">secret", "~svc:dedup:*", "resetchannels", "-@all",
-    "+evalsha", "+eval", "+hget", "+del", "+hmget", "+hset", "+pexpire", "+pttl", "+time",
+    "+evalsha", "+eval", "+hget", "+hmget", "+hset", "+pexpire", "+pttl", "+time",
 ]  # fmt: skip
 
 
 async def test_least_privilege_acl_user_runs_every_operation(
     redis_server_factory: Any, client_factory: ClientFactory
 ) -> None:
-    """A user limited to the dedup key prefix and the store's commands (docs/dedup.md) can claim, complete, release, extend, mark, check and forget."""
+    """A user limited to the dedup key prefix and the store's commands (docs/dedup.md) can claim, complete, release, extend, mark, dead-letter, read states and forget, in any scope."""
     server: RedisServer = redis_server_factory(["--user", *DEDUP_ACL])
     client = client_factory(server.port, username="dedup", password="secret")
     store = RedisDedupStore(client, key_prefix="svc")
@@ -502,7 +535,230 @@ async def test_least_privilege_acl_user_runs_every_operation(
     assert await store.is_completed("c")
     assert (await store.claim("a", 30.0, "sha256:b")).status is CONFLICT
     assert await store.forget("a")
+    group = store.scoped("orders/group-1")
+    third = (await group.claim("a", 30.0)).lease
+    assert third is not None
+    assert await group.release(third, attempted=False)
+    fourth = (await group.claim("a", 30.0)).lease
+    assert fourth is not None
+    assert await group.mark_dead_lettered(fourth, 30.0)
+    assert await group.state("a") is RecordState.DEAD_LETTERED
     assert await store.check_eviction_policy() is None  # NOPERM for CONFIG: skipped, not failed
     outside = RedisDedupStore(client, key_prefix="other")
     with pytest.raises(redis.exceptions.NoPermissionError):
         await outside.claim("a", 30.0)
+
+
+# --- store contract v2: attempts, dead-letter markers, state, retention, scopes ------------------
+
+
+async def test_attempt_counter_survives_release_takeover_and_marker(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, lease_expired: LeaseExpiry
+) -> None:
+    """ClaimResult.attempt counts handler runs in the record: +1 per NEW claim (single and batch), a
+    takeover counts the dead owner's run, release(attempted=False) takes one back, forget resets it."""
+    store = store_factory(redis_client, local_cache_size=0)
+    first = await store.claim("m", 30.0)
+    assert first.attempt == 1
+    assert first.lease is not None
+    assert await store.release(first.lease)
+    (second,) = await store.claim_many(["m"], 30.0)
+    assert second.attempt == 2
+    assert second.lease is not None
+    assert await store.release(second.lease, attempted=False)  # the handler never ran
+    third = await store.claim("m", 0.02)
+    assert third.attempt == 2
+    assert third.lease is not None
+    await lease_expired(redis_client, store.key("m"))  # its owner died mid-run
+    fourth = await store.claim("m", 30.0)
+    assert (fourth.takeover, fourth.attempt) == (True, 3)
+    assert fourth.lease is not None
+    assert await store.mark_dead_lettered(fourth.lease, 0.02)
+    await lease_expired(redis_client, store.key("m"))  # the marker's window ran out
+    fifth = await store.claim("m", 30.0)
+    assert (fifth.takeover, fifth.attempt) == (False, 4)
+    assert await redis_client.hget(store.key("m"), "a") == b"4"
+    assert await store.forget("m")
+    assert (await store.claim("m", 30.0)).attempt == 1
+
+
+async def test_dead_letter_marker_is_distinguishable_from_a_completion(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, lease_expired: LeaseExpiry
+) -> None:
+    """A live marker answers DUPLICATE, but is_completed is False (no local cache holds it) and state()
+    says dead_lettered; after its window the id is released: NEW, the next fencing token, no takeover."""
+    store = store_factory(redis_client)  # with its local cache: it must not remember the marker
+    other = store_factory(redis_client)
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    assert await store.mark_dead_lettered(lease, 0.3) is True
+    assert (await other.claim("m", 30.0)).status is DUPLICATE
+    assert (await store.claim("m", 30.0, "sha256:x")).status is DUPLICATE
+    assert await store.is_completed("m") is False
+    assert await other.is_completed("m") is False
+    assert await store.state("m") is RecordState.DEAD_LETTERED
+    assert await redis_client.hget(store.key("m"), "s") == b"d"
+    await lease_expired(redis_client, store.key("m"))
+    assert await store.state("m") is RecordState.RELEASED
+    again = await other.claim("m", 30.0)
+    assert (again.status, again.takeover) == (NEW, False)
+    assert again.lease is not None
+    assert again.lease.fencing_token == lease.fencing_token + 1
+
+
+async def test_mark_dead_lettered_is_owner_checked_and_idempotent(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, lease_expired: LeaseExpiry
+) -> None:
+    """Only the lease's owner can mark; a re-sent mark answers True; a taken-over or completed lease
+    answers False and changes nothing."""
+    store, other = store_factory(redis_client), store_factory(redis_client)
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    assert await store.mark_dead_lettered(lease, 30.0)
+    assert await store.mark_dead_lettered(lease, 30.0)
+    assert await store.release(lease) is False
+    assert await store.complete(lease, 60.0) is False
+    stale = (await store.claim("n", 0.02)).lease
+    assert stale is not None
+    await lease_expired(redis_client, store.key("n"))
+    fresh = (await other.claim("n", 30.0)).lease
+    assert fresh is not None
+    assert await store.mark_dead_lettered(stale, 30.0) is False
+    assert await store.state("n") is RecordState.IN_PROGRESS
+    assert await other.complete(fresh, 60.0)
+    assert await other.mark_dead_lettered(fresh, 30.0) is False
+    assert await store.state("n") is RecordState.COMPLETED
+
+
+async def test_fencing_tokens_never_repeat_across_dead_letter_replay_and_forget(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory
+) -> None:
+    """The issue's 1 -> 2 -> 1: after a completion and forget (replay --force), after a dead-letter
+    marker and forget (a replay), and after a release, every claim's token is the previous + 1."""
+    store = store_factory(redis_client)
+    tokens = []
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    tokens.append(lease.fencing_token)
+    await store.complete(lease, 60.0)
+    assert await store.forget("m")  # operator: replay --force
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    tokens.append(lease.fencing_token)
+    await store.mark_dead_lettered(lease, 30.0)
+    assert await store.forget("m")  # the replayer drops the marker before re-running
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    tokens.append(lease.fencing_token)
+    await store.release(lease)
+    lease = (await store.claim("m", 30.0)).lease
+    assert lease is not None
+    tokens.append(lease.fencing_token)
+    assert tokens == [1, 2, 3, 4]
+
+
+async def test_every_state_keeps_its_record_for_retention_or_ttl(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory
+) -> None:
+    """In progress: lease + fence_retention; released and forgotten: fence_retention from the change;
+    dead-lettered: window + fence_retention; completed: the TTL."""
+    store = store_factory(redis_client, fence_retention=100.0)
+
+    async def pttl(mid: str) -> int:
+        return int(await redis_client.pttl(store.key(mid)))
+
+    held = (await store.claim("held", 10.0)).lease
+    assert held is not None
+    assert 109_000 < await pttl("held") <= 110_000
+    released = (await store.claim("released", 10.0)).lease
+    assert released is not None
+    assert await store.release(released)
+    assert 99_000 < await pttl("released") <= 100_000
+    marked = (await store.claim("marked", 10.0)).lease
+    assert marked is not None
+    assert await store.mark_dead_lettered(marked, 50.0)
+    assert 149_000 < await pttl("marked") <= 150_000
+    done = (await store.claim("done", 10.0)).lease
+    assert done is not None
+    assert await store.complete(done, 500.0)
+    assert 499_000 < await pttl("done") <= 500_000
+    assert await store.forget("done")
+    assert 99_000 < await pttl("done") <= 100_000
+
+
+async def test_state_reads_every_state_in_one_call(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, lease_expired: LeaseExpiry
+) -> None:
+    """state() answers absent, in_progress (also once the lease expired), completed, released and
+    dead_lettered, one script call each."""
+    store = store_factory(redis_client)
+    assert await store.state("x") is RecordState.ABSENT
+    lease = (await store.claim("x", 0.02)).lease
+    assert lease is not None
+    await lease_expired(redis_client, store.key("x"))
+    before = await command_calls(redis_client, "evalsha")
+    assert await store.state("x") is RecordState.IN_PROGRESS
+    assert await command_calls(redis_client, "evalsha") == before + 1
+    assert await store.complete(lease, 60.0)  # not taken over: still the owner's
+    assert await store.state("x") is RecordState.COMPLETED
+    lease = (await store.claim("y", 30.0)).lease
+    assert lease is not None
+    await store.release(lease)
+    assert await store.state("y") is RecordState.RELEASED
+
+
+async def test_scopes_keep_consumer_groups_apart(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory
+) -> None:
+    """The issue's second consumer group: an id completed in one scope is NEW in another; scoped() gives
+    the same object per scope, from the parent or any sibling."""
+    group1 = store_factory(redis_client, scope="orders/group-1")
+    group2 = group1.scoped("orders/group-2")
+    assert group1.scoped("orders/group-2") is group2
+    assert group2.scoped("orders/group-1") is group1
+    assert group2.scope == "orders/group-2"
+    lease = (await group1.claim("m", 30.0)).lease
+    assert lease is not None
+    assert await group1.complete(lease, 60.0)
+    other = await group2.claim("m", 30.0)
+    assert other.status is NEW
+    assert other.lease is not None
+    assert other.lease.fencing_token == 1
+    assert await group2.state("m") is RecordState.IN_PROGRESS
+    assert group1.key("m") != group2.key("m")
+    assert isinstance(group2, DedupStore)
+
+
+async def test_scoped_stores_share_the_connection_and_close_with_the_parent(
+    client_factory: ClientFactory, redis_server: RedisServer, scope: str
+) -> None:
+    """Scoped stores share the parent's connection; the parent's aclose() flushes their deferred
+    completions and gives the one connection back."""
+    client = client_factory(redis_server.port)
+    parent = RedisDedupStore(client, scope=scope, defer_completions=True, flush_interval=60.0)
+    children = [parent.scoped(f"{scope}-{i}") for i in range(3)]
+    for store in [parent, *children]:
+        lease = (await store.claim("m", 30.0)).lease
+        assert lease is not None
+        assert await store.complete(lease, 60.0)  # queued
+    assert len(client.connection_pool._in_use_connections) == 1  # type: ignore[attr-defined]
+    await parent.aclose()
+    assert len(client.connection_pool._in_use_connections) == 0  # type: ignore[attr-defined]
+    for store in [parent, *children]:
+        reader = RedisDedupStore(client, scope=store.scope, local_cache_size=0, dedicated_connection=False)
+        assert await reader.state("m") is RecordState.COMPLETED
+
+
+async def test_re_sent_completion_keeps_the_cached_fingerprint(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory
+) -> None:
+    """A completion sent again by its owner (with another or no fingerprint) changes neither the record
+    nor what the local cache knows: another payload is still a CONFLICT (found by the model test)."""
+    store = store_factory(redis_client)
+    lease = (await store.claim("fp", 30.0, "sha256:1")).lease
+    assert lease is not None
+    assert await store.complete(lease, 60.0, "sha256:1") is True
+    assert await store.complete(lease, 60.0) is True  # re-sent, without a fingerprint
+    assert await store.complete_many([lease], 60.0) == [True]
+    assert await redis_client.hget(store.key("fp"), "p") == b"sha256:1"
+    assert (await store.claim("fp", 30.0, "sha256:2")).status is CONFLICT

@@ -36,6 +36,7 @@ async def test_add_get_round_trips_every_field(store: RedisDeadLetterStore) -> N
     """Every entry field, plus the traceparent, survives a write and a read."""
     original = entry(
         source_ref="orders:1-0",
+        consumer_group="billing",
         delivery_count=3,
         attempts=4,
         first_failed_at=1_700_000_000.125,
@@ -123,6 +124,10 @@ SECRETS = [
         id="aws-secret",
     ),
     pytest.param("redis://sw:s3cr3t@cache:6379/0 down", "s3cr3t", id="url-credentials"),
+    pytest.param('{"password": "correct horse battery", "user": "bob"}', "horse", id="json-multi-word"),
+    pytest.param("{'client_secret': 'two words'}", "words", id="repr-multi-word"),
+    pytest.param('password="has \\" escaped quote"', "escaped", id="escaped-quote"),
+    pytest.param('token = "unclosed and long\nnext line', "unclosed", id="unclosed-quote"),
 ]
 
 
@@ -152,6 +157,21 @@ async def test_secrets_are_redacted_in_message_traceback_and_headers(store: Redi
     assert got.error_message == f"login failed: password={REDACTED}"
     assert got.headers == {"authorization": REDACTED, "x-note": f"api_key={REDACTED}", "traceparent": "00-x"}
     assert got.payload == {"id": "m-1", "password": "kept-for-replay"}
+
+
+@pytest.mark.parametrize(("text", "secret"), SECRETS)
+def test_redacting_twice_changes_nothing(text: str, secret: str) -> None:
+    """Redaction is idempotent: the layer redacts an entry and the store redacts it again, and an
+    already redacted value is left as it is (no stray ``]``)."""
+    once = Redactor().text(text)
+    assert Redactor().text(once) == once
+
+
+def test_quoted_secret_is_redacted_whole_and_the_rest_kept() -> None:
+    """A quoted value loses every word up to its closing quote; the key, the quotes and what follows stay."""
+    text = 'login failed {"password": "correct horse battery", "user": "bob"} at 12:00'
+    assert Redactor().text(text) == f'login failed {{"password": "{REDACTED}", "user": "bob"}} at 12:00'
+    assert Redactor().text('token = "abc\ndef') == f'token = "{REDACTED}\ndef'  # unclosed: to the line end
 
 
 async def test_redact_patterns_are_configurable(redis_client: redis.asyncio.Redis) -> None:
@@ -221,6 +241,61 @@ async def test_non_utf8_message_id_round_trips(store: RedisDeadLetterStore) -> N
     got = await store.get(await store.add(entry(message_id=odd)))
     assert got is not None
     assert got.message_id == odd
+
+
+LONE = "\ud800"  # a lone surrogate no bytes decode to (JSON "\\ud800" gives one)
+
+
+async def test_text_fields_with_lone_surrogates_never_fail_the_write(store: RedisDeadLetterStore) -> None:
+    """Every text field accepts any str: lone surrogates are written as \\udXXX escapes instead of
+    raising UnicodeEncodeError (which would fail the message on every delivery); the id is exact."""
+    odd = entry(
+        destination=f"orders{LONE}",
+        message_id=f"id-{LONE}",
+        error_message=f"bad {LONE} value",
+        error_type=f"Err{LONE}",
+        error_class=f"permanent{LONE}",
+        reason=f"error{LONE}",
+        service=f"svc{LONE}",
+        traceback=f"Traceback\nValueError: {LONE}\n",
+        headers={"x-note": f"n{LONE}", f"x-{LONE}": "v"},
+        source_ref=f"orders:{LONE}",
+        consumer_group=f"g{LONE}",
+        payload={"text": f"p{LONE}"},
+        trace_id=f"t{LONE}",
+    )
+    entry_id = await store.add(odd)
+    got = await store.get(entry_id)
+    assert got is not None
+    assert got.message_id == f"id-{LONE}"  # exact: base64 of its surrogatepass bytes
+    assert got.payload == {"text": f"p{LONE}"}  # JSON escapes it exactly
+    assert got.headers == {"x-note": f"n{LONE}", f"x-{LONE}": "v"}
+    assert got.error_message == "bad \\ud800 value"
+    assert got.traceback.endswith("ValueError: \\ud800\n")
+    assert (got.error_type, got.error_class, got.reason, got.service) == (
+        "Err\\ud800",
+        "permanent\\ud800",
+        "error\\ud800",
+        "svc\\ud800",
+    )
+    assert (got.source_ref, got.consumer_group) == ("orders:\\ud800", "g\\ud800")
+    assert got.destination == "orders\\ud800"
+    assert await store.count(f"orders{LONE}") == 1
+    (listed,) = await store.list()  # the index names the stream by its escaped name: the same key
+    assert listed.entry_id == f"orders\\ud800/{entry_id.rsplit('/', 1)[1]}"
+    assert await store.get(listed.entry_id) == got.with_id(listed.entry_id)
+
+
+async def test_consumer_group_and_queue_name(store: RedisDeadLetterStore) -> None:
+    """The failing consumer group round-trips (a replay runs in its dedup scope); queue_name is the
+    stream key, the destination of the ``send`` span."""
+    got = await store.get(await store.add(entry(consumer_group="billing")))
+    assert got is not None
+    assert got.consumer_group == "billing"
+    assert store.queue_name("orders") == store.stream_key("orders") == "streamwarden:dlq:orders"
+    bare = await store.get(await store.add(entry()))
+    assert bare is not None
+    assert bare.consumer_group is None
 
 
 @pytest.mark.parametrize(

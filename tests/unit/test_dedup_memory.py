@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamwarden import (
+    ClaimResult,
     ClaimStatus,
     DeduplicationManager,
     DedupPolicy,
@@ -12,7 +13,7 @@ from streamwarden import (
     InMemoryDedupStore,
     Lease,
 )
-from streamwarden._dedup import LocalDedupStore
+from streamwarden._dedup import LocalDedupStore, RecordState
 
 NEW, DUPLICATE, IN_PROGRESS, CONFLICT = (
     ClaimStatus.NEW,
@@ -97,13 +98,20 @@ async def test_released_id_can_be_claimed_again(store: InMemoryDedupStore) -> No
     assert not await store.is_completed("m1")
 
 
-async def test_double_release_and_double_complete_are_refused(store: InMemoryDedupStore) -> None:
-    """A lease can be used once: a second release or complete of the same lease returns False."""
+async def test_a_lease_ends_in_one_transition(store: InMemoryDedupStore) -> None:
+    """Re-sending a release or a completion answers True and changes nothing (as in Redis, where a
+    client may re-send a call whose reply was lost); the other transition is refused afterwards."""
     lease = await claim_lease(store, "m1")
     assert await store.release(lease) is True
-    assert await store.release(lease) is False
+    assert await store.release(lease) is True
     assert await store.complete(lease, TTL) is False
     assert not await store.is_completed("m1")
+    assert await store.state("m1") is RecordState.RELEASED
+    other = await claim_lease(store, "m2")
+    assert await store.complete(other, TTL) is True
+    assert await store.complete(other, TTL) is True
+    assert await store.release(other) is False
+    assert await store.state("m2") is RecordState.COMPLETED
 
 
 async def test_distinct_ids_do_not_interfere(store: InMemoryDedupStore) -> None:
@@ -154,14 +162,14 @@ async def test_stale_owner_cannot_complete_or_release(store: InMemoryDedupStore,
     assert (await store.claim("m1", LEASE)).status is DUPLICATE
 
 
-async def test_expired_lease_cannot_complete_even_without_takeover(
-    store: InMemoryDedupStore, clock: Clock
-) -> None:
-    """An owner whose lease ran out cannot complete, even if nobody took over (another may at any moment)."""
+async def test_expired_lease_not_taken_over_still_completes(store: InMemoryDedupStore, clock: Clock) -> None:
+    """A lease that ran out while nobody claimed the id is still its owner's (as in Redis): nobody else
+    can have started, so its completion records the effect."""
     lease = await claim_lease(store, "m1")
     clock.now += LEASE
-    assert await store.complete(lease, TTL) is False
-    assert (await store.claim("m1", LEASE)).status is NEW
+    assert await store.state("m1") is RecordState.IN_PROGRESS
+    assert await store.complete(lease, TTL) is True
+    assert (await store.claim("m1", LEASE)).status is DUPLICATE
 
 
 async def test_fencing_tokens_increase_across_ids(store: InMemoryDedupStore) -> None:
@@ -184,11 +192,15 @@ async def test_extend_keeps_a_long_handler_s_lease(store: InMemoryDedupStore, cl
     assert await store.complete(renewed, TTL) is True
 
 
-async def test_extend_of_an_expired_lease_fails(store: InMemoryDedupStore, clock: Clock) -> None:
-    """A lease that already expired cannot be extended."""
+async def test_extend_of_a_taken_over_lease_fails(store: InMemoryDedupStore, clock: Clock) -> None:
+    """An expired lease can be extended until someone takes the id over; then it is lost."""
     lease = await claim_lease(store, "m1")
     clock.now += LEASE
-    assert await store.extend(lease, 60.0) is None
+    renewed = await store.extend(lease, LEASE)
+    assert renewed is not None
+    clock.now += LEASE
+    assert (await store.claim("m1", LEASE)).takeover is True
+    assert await store.extend(renewed, LEASE) is None
 
 
 # --- TTL ----------------------------------------------------------------------------------------
@@ -328,15 +340,237 @@ async def test_mark_completed_drops_a_held_lease(store: InMemoryDedupStore) -> N
     assert (await store.claim("m1", LEASE)).status is DUPLICATE
 
 
-@pytest.mark.parametrize("state", ["completed", "held"])
-async def test_forget_removes_any_record(store: InMemoryDedupStore, state: str) -> None:
-    """``forget`` deletes a completed or held id so it is NEW again, and reports whether it found one."""
+@pytest.mark.parametrize("state", ["completed", "held", "released", "dead_lettered"])
+async def test_forget_makes_any_record_claimable(store: InMemoryDedupStore, state: str) -> None:
+    """``forget`` turns a completed, held, released or dead-lettered id into a released record: NEW at
+    once with a greater fencing token and the attempt counter restarted; it reports whether a record
+    existed, and cuts off the lease."""
+    assert await store.forget("m1") is False
+    assert await store.state("m1") is RecordState.ABSENT
     lease = await claim_lease(store, "m1")
     if state == "completed":
         await store.complete(lease, TTL)
+    elif state == "released":
+        await store.release(lease)
+    elif state == "dead_lettered":
+        await store.mark_dead_lettered(lease, LEASE)
     assert await store.forget("m1") is True
-    assert await store.forget("m1") is False
-    assert (await store.claim("m1", LEASE)).status is NEW
+    assert await store.state("m1") is RecordState.RELEASED
+    assert await store.complete(lease, TTL) is False
+    assert await store.release(lease) is False
+    again = await store.claim("m1", LEASE)
+    assert again.status is NEW
+    assert again.lease is not None
+    assert again.lease.fencing_token > lease.fencing_token
+    assert again.attempt == 1
+
+
+# --- store contract v2: attempts, dead-letter markers, state, retention, scopes ------------------
+
+
+async def test_attempt_counts_handler_runs_across_releases_takeovers_and_markers(
+    store: InMemoryDedupStore, clock: Clock
+) -> None:
+    """ClaimResult.attempt counts the runs of an id: +1 per NEW claim (a takeover counts the dead
+    owner's run), nothing for a release of a lease whose handler never ran, reset by forget."""
+    first = await store.claim("m1", LEASE)
+    assert first.attempt == 1
+    assert first.lease is not None
+    await store.release(first.lease)
+    second = await store.claim("m1", LEASE)
+    assert second.attempt == 2
+    assert second.lease is not None
+    await store.release(second.lease, attempted=False)  # e.g. the breaker refused: never ran
+    third = await store.claim("m1", LEASE)
+    assert third.attempt == 2
+    clock.now += LEASE  # its owner died without releasing
+    fourth = await store.claim("m1", LEASE)
+    assert (fourth.takeover, fourth.attempt) == (True, 3)
+    assert fourth.lease is not None
+    assert await store.mark_dead_lettered(fourth.lease, 5.0)
+    clock.now += 5.0
+    fifth = await store.claim("m1", LEASE)
+    assert (fifth.takeover, fifth.attempt) == (False, 4)
+    await store.forget("m1")
+    assert (await store.claim("m1", LEASE)).attempt == 1
+    assert [r.attempt for r in await store.claim_many(["m1", "n1"], LEASE)] == [0, 1]  # IN_PROGRESS: 0
+
+
+async def test_release_unattempted_takes_back_one_attempt_once(store: InMemoryDedupStore) -> None:
+    """release(attempted=False) takes the attempt back once (a re-sent release changes nothing), and
+    the counter never goes below zero."""
+    lease = await claim_lease(store, "m1")
+    assert await store.release(lease, attempted=False) is True
+    assert await store.release(lease, attempted=False) is True
+    again = await store.claim("m1", LEASE)
+    assert again.attempt == 1
+    assert again.lease is not None
+    assert await store.forget("m1")
+    after_forget = await claim_lease(store, "m1")  # counter 0 -> 1
+    assert await store.release(after_forget, attempted=False)
+    assert (await store.claim("m1", LEASE)).attempt == 1
+
+
+async def test_dead_letter_marker_is_a_duplicate_but_not_a_completion(
+    store: InMemoryDedupStore, clock: Clock
+) -> None:
+    """While the marker lives claims are DUPLICATE, yet is_completed is False and state() says
+    dead_lettered; after the window the id is NEW again (not a takeover) with a greater fencing token."""
+    lease = await claim_lease(store, "m1")
+    assert await store.mark_dead_lettered(lease, 10.0) is True
+    assert (await store.claim("m1", LEASE)).status is DUPLICATE
+    assert await store.is_completed("m1") is False
+    assert await store.state("m1") is RecordState.DEAD_LETTERED
+    clock.now += 9.999
+    assert (await store.claim("m1", LEASE, "sha256:other")).status is DUPLICATE  # never a CONFLICT
+    clock.now += 0.001
+    assert await store.state("m1") is RecordState.RELEASED
+    again = await store.claim("m1", LEASE)
+    assert (again.status, again.takeover) == (NEW, False)
+    assert again.lease is not None
+    assert again.lease.fencing_token > lease.fencing_token
+
+
+async def test_mark_dead_lettered_is_owner_checked_and_idempotent(
+    store: InMemoryDedupStore, clock: Clock
+) -> None:
+    """Only the lease's owner can mark: a re-sent mark answers True; a taken-over, completed or
+    released lease answers False and changes nothing."""
+    lease = await claim_lease(store, "m1")
+    assert await store.mark_dead_lettered(lease, 10.0) is True
+    assert await store.mark_dead_lettered(lease, 10.0) is True
+    assert await store.release(lease) is False
+    assert await store.complete(lease, TTL) is False
+    stale = await claim_lease(store, "m2")
+    clock.now += LEASE
+    fresh = await claim_lease(store, "m2")
+    assert await store.mark_dead_lettered(stale, 10.0) is False
+    assert await store.state("m2") is RecordState.IN_PROGRESS
+    assert await store.complete(fresh, TTL)
+    assert await store.mark_dead_lettered(fresh, 10.0) is False
+    assert await store.state("m2") is RecordState.COMPLETED
+
+
+async def test_fencing_tokens_never_repeat_across_dead_letter_replay_and_forget(
+    store: InMemoryDedupStore, clock: Clock
+) -> None:
+    """The issue's 1 -> 2 -> 1: dead-letter, replay (forget, claim) and forget again; every claim's
+    fencing token is greater than the one before."""
+    tokens = []
+    lease = await claim_lease(store, "m1")
+    tokens.append(lease.fencing_token)
+    await store.mark_dead_lettered(lease, 10.0)
+    await store.forget("m1")  # the replayer drops the marker before re-running
+    lease = await claim_lease(store, "m1")
+    tokens.append(lease.fencing_token)
+    await store.complete(lease, TTL)
+    await store.forget("m1")  # operator: replay --force
+    lease = await claim_lease(store, "m1")
+    tokens.append(lease.fencing_token)
+    await store.release(lease)
+    tokens.append((await claim_lease(store, "m1")).fencing_token)
+    assert tokens == sorted(set(tokens))
+
+
+async def test_records_outlive_their_last_change_by_fence_retention(clock: Clock) -> None:
+    """Released, dead-lettered and expired in-progress records (with their attempt counter) are kept
+    fence_retention seconds after their last change or lease; then the id is absent and starts over."""
+    store = InMemoryDedupStore(clock=clock, fence_retention=100.0)
+    released = await claim_lease(store, "rel")
+    await store.release(released)
+    marked = await claim_lease(store, "dl")
+    await store.mark_dead_lettered(marked, 10.0)
+    await claim_lease(store, "held", 10.0)
+    clock.now += 99.0
+    assert [await store.state(m) for m in ("rel", "dl", "held")] == [
+        RecordState.RELEASED,
+        RecordState.RELEASED,
+        RecordState.IN_PROGRESS,
+    ]
+    clock.now += 1.0
+    assert await store.state("rel") is RecordState.ABSENT
+    assert await store.state("dl") is RecordState.RELEASED  # window + retention: 10 s more
+    assert await store.state("held") is RecordState.IN_PROGRESS  # its lease ended at 10: kept to 110
+    after = await store.claim("held", LEASE)
+    assert (after.takeover, after.attempt) == (True, 2)
+    clock.now += 10.0
+    assert await store.state("dl") is RecordState.ABSENT
+    assert (await store.claim("rel", LEASE)).attempt == 1
+    assert (await store.claim("dl", LEASE)).attempt == 1
+
+
+async def test_vanished_lease_record_is_a_fresh_start(clock: Clock) -> None:
+    """An expired lease whose retention passed is gone: the next claim is no takeover, attempt 1, and
+    the old lease can neither complete nor release."""
+    store = InMemoryDedupStore(clock=clock, fence_retention=5.0)
+    old = await claim_lease(store, "m1", 10.0)
+    clock.now += 15.0
+    assert await store.state("m1") is RecordState.ABSENT
+    assert await store.complete(old, TTL) is False
+    assert await store.release(old) is False
+    fresh = await store.claim("m1", LEASE)
+    assert (fresh.status, fresh.takeover, fresh.attempt) == (NEW, False, 1)
+    assert fresh.lease is not None
+    assert fresh.lease.fencing_token > old.fencing_token
+
+
+async def test_state_reads_every_state(store: InMemoryDedupStore, clock: Clock) -> None:
+    """state() answers absent, in_progress (also once the lease expired), completed, released and
+    dead_lettered."""
+    assert await store.state("x") is RecordState.ABSENT
+    lease = await claim_lease(store, "x")
+    assert await store.state("x") is RecordState.IN_PROGRESS
+    clock.now += LEASE + 1
+    assert await store.state("x") is RecordState.IN_PROGRESS
+    await store.complete(lease, TTL)
+    assert await store.state("x") is RecordState.COMPLETED
+    await store.mark_completed("y", TTL)
+    assert await store.state("y") is RecordState.COMPLETED
+
+
+async def test_scopes_keep_records_apart_and_share_the_clock(store: InMemoryDedupStore, clock: Clock) -> None:
+    """scoped() gives one store per scope (the same object each time): an id completed in one scope
+    is NEW in another; scopes share the clock and never hand out the same fencing token."""
+    assert store.scope == "default"
+    assert store.scoped("default") is store
+    group2 = store.scoped("orders/group-2")
+    assert store.scoped("orders/group-2") is group2
+    assert group2.scoped("orders/group-2") is group2
+    assert group2.scope == "orders/group-2"
+    first = await claim_lease(store, "m1")
+    await store.complete(first, TTL)
+    other = await group2.claim("m1", LEASE)
+    assert other.status is NEW
+    assert other.lease is not None
+    assert other.lease.fencing_token != first.fencing_token
+    assert await group2.state("m1") is RecordState.IN_PROGRESS
+    assert await store.state("m1") is RecordState.COMPLETED
+    clock.now += TTL
+    assert await store.state("m1") is RecordState.ABSENT
+    assert isinstance(group2, DedupStore)
+
+
+async def test_scoped_store_of_a_subclass_keeps_its_behaviour(clock: Clock) -> None:
+    """A subclass's scoped stores are of that subclass and keep its attributes (a wrapper that
+    counts claims counts them in every scope)."""
+
+    class Counting(InMemoryDedupStore):
+        def __init__(self) -> None:
+            super().__init__(clock=clock)
+            self.calls: list[str] = []
+
+        async def claim(
+            self, message_id: str, lease_seconds: float, fingerprint: str | None = None
+        ) -> ClaimResult:
+            self.calls.append(f"{self.scope}:{message_id}")
+            return await super().claim(message_id, lease_seconds, fingerprint)
+
+    parent = Counting()
+    child = parent.scoped("s2")
+    assert type(child) is Counting
+    await parent.claim("a", LEASE)
+    assert (await child.claim("a", LEASE)).status is NEW
+    assert parent.calls == ["default:a", "s2:a"]
 
 
 # --- DeduplicationManager (seed API) -------------------------------------------------------------

@@ -9,7 +9,14 @@ import pytest
 import redis.exceptions
 
 from streamwarden import DeadLetterEntry, DeadLetterQueueFullError, DeadLetterStore, InMemoryDeadLetterStore
-from streamwarden._dlq import MAX_ERROR_MESSAGE_CHARS, error_type_name, format_traceback
+from streamwarden._dlq import (
+    DEFAULT_REDACT_PATTERNS,
+    MAX_ERROR_MESSAGE_CHARS,
+    REDACTED,
+    Redactor,
+    error_type_name,
+    format_traceback,
+)
 
 
 def entry(
@@ -18,17 +25,19 @@ def entry(
     message_id: str | None = "m1",
     error_type: str = "ConnectionError",
     error_class: str = "transient",
+    error_message: str = "boom",
+    payload: Any = None,
     at: float = 1_700_000_000.0,
     **extra: Any,
 ) -> DeadLetterEntry:
     return DeadLetterEntry(
         message_id=message_id,
         destination=destination,
-        payload={"id": message_id, "data": 1},
+        payload={"id": message_id, "data": 1} if payload is None else payload,
         reason="error",
         error_type=error_type,
         error_class=error_class,
-        error_message="boom",
+        error_message=error_message,
         attempts=4,
         service="svc",
         dead_lettered_at=at,
@@ -198,6 +207,67 @@ def test_max_entries_must_be_positive() -> None:
     """A store that can hold nothing is refused."""
     with pytest.raises(ValueError, match="max_entries"):
         InMemoryDeadLetterStore(max_entries=0)
+
+
+# --- redaction: secrets are never stored, in the embedded store either ---------------------------
+
+
+async def test_embedded_store_redacts_message_traceback_and_headers(store: InMemoryDeadLetterStore) -> None:
+    """What the Redis store redacts, the embedded one does too: the error message (a quoted value up to
+    its closing quote), the traceback and header values; the payload is kept for replay."""
+    secret = entry(
+        error_message='login failed {"password": "correct horse battery", "user": "bob"}',
+        traceback="Traceback...\nRuntimeError: token=tok_live_42\n",
+        headers={"authorization": "Bearer abcdefghijkl", "x-note": "api_key=zzz999", "traceparent": "00-x"},
+        payload={"id": "m1", "password": "kept-for-replay"},
+    )
+    got = await store.get(await store.add(secret))
+    assert got is not None
+    assert got.error_message == f'login failed {{"password": "{REDACTED}", "user": "bob"}}'
+    assert got.traceback == f"Traceback...\nRuntimeError: token={REDACTED}\n"
+    assert got.headers == {"authorization": REDACTED, "x-note": f"api_key={REDACTED}", "traceparent": "00-x"}
+    assert got.payload == {"id": "m1", "password": "kept-for-replay"}
+    listed = " ".join(repr(e) for e in await store.list())
+    for word in ("horse", "battery", "tok_live_42", "abcdefghijkl", "zzz999"):
+        assert word not in listed
+
+
+async def test_embedded_store_takes_the_redis_store_s_options() -> None:
+    """redact_patterns, redact_header_names and max_traceback_chars work as on the Redis store."""
+    store = InMemoryDeadLetterStore(
+        redact_patterns=[r"card=(?P<secret>\d{16})", r"SSN \d+"],
+        redact_header_names=["x-card"],
+        max_traceback_chars=40,
+    )
+    got = await store.get(
+        await store.add(
+            entry(
+                error_message="card=4111111111111111 SSN 123 password=visible",
+                headers={"x-card": "4111", "authorization": "kept: not in the custom list"},
+                traceback="frame\n" * 100 + "ValueError: the cause\n",
+            )
+        )
+    )
+    assert got is not None
+    assert got.error_message == f"card={REDACTED} {REDACTED} password=visible"
+    assert got.headers == {"x-card": REDACTED, "authorization": "kept: not in the custom list"}
+    assert len(got.traceback) == 40
+    assert got.traceback.endswith("ValueError: the cause\n")
+    long = await store.get(await store.add(entry(error_message="m" * 10_000)))
+    assert long is not None
+    assert len(long.error_message) <= MAX_ERROR_MESSAGE_CHARS
+    assert long.error_message.endswith("...[truncated]")
+
+
+def test_redactor_lives_with_the_entry_model() -> None:
+    """Redactor and DEFAULT_REDACT_PATTERNS come from the entry model and keep their old homes."""
+    import streamwarden
+    import streamwarden._redis
+
+    assert streamwarden._redis.Redactor is Redactor
+    assert streamwarden._redis.DEFAULT_REDACT_PATTERNS is DEFAULT_REDACT_PATTERNS
+    assert streamwarden.Redactor is Redactor
+    assert streamwarden.DEFAULT_REDACT_PATTERNS is DEFAULT_REDACT_PATTERNS
 
 
 # --- entry model --------------------------------------------------------------------------------

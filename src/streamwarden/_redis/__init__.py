@@ -5,6 +5,10 @@ Each sits beside its embedded twin's contract (``streamwarden._dedup``, ``._dlq`
 share (reply decoding, safe key parts). Keys are Redis Cluster safe (see ``docs/dedup.md``).
 """
 
+# The redactor lives with the dead-letter entry model (every store uses it); re-exported here for
+# code that imported it from the Redis stores.
+from .._dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
+from .._dlq import Redactor as Redactor
 from ._breaker import SharedBreakerState as SharedBreakerState
 from ._breaker import SharedBreakerSync as SharedBreakerSync
 from ._breaker import read_shared_breakers as read_shared_breakers
@@ -12,8 +16,6 @@ from ._counters import CounterFlusher as CounterFlusher
 from ._counters import RedisCounterStore as RedisCounterStore
 from ._counters import run_periodic_flush as run_periodic_flush
 from ._dedup import RedisDedupStore as RedisDedupStore
-from ._dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
-from ._dlq import Redactor as Redactor
 from ._dlq import RedisDeadLetterStore as RedisDeadLetterStore
 
 __all__ = [

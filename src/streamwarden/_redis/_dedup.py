@@ -1,32 +1,38 @@
 """``RedisDedupStore``: lease-based deduplication for a fleet, on Redis or Redis Cluster.
 
-One record per message id, a hash at ``{key_prefix}:dedup:{scope}:{sha256(id)}``::
+One record per message id and scope, a hash at ``{key_prefix}:dedup:{scope}:{sha256(id)}`` (a scope
+that is not a short printable key part is hashed too)::
 
-    s  state        p = leased (in progress), c = completed, r = released
-    o  owner token  of the last claim (generated here, before the claim is sent)
-    f  fencing      +1 per claim, so it keeps increasing across takeovers
-    e  deadline     of the lease, milliseconds on the Redis server's clock (TIME)
+    s  state        p = leased (in progress), c = completed, r = released, d = dead-lettered (marker)
+    o  owner token  of the last claim (generated here, before the claim is sent; '' once cut off)
+    f  fencing      +1 per claim, so it keeps increasing across takeovers, releases, markers, forgets
+    e  deadline     of the lease or of the dead-letter marker, ms on the Redis server's clock (TIME)
     p  fingerprint  of the payload stored with the completion ('' = none)
+    a  attempts     handler runs of the id: +1 per NEW claim, -1 per release(attempted=False), 0 on forget
 
 Every operation is one Lua script (:data:`_SCRIPT`, sent with ``EVALSHA`` and loaded by ``EVAL`` on
-``NOSCRIPT``) that reads and writes one record per key (``is_completed`` and ``forget`` are one ``HGET``
-/ ``DEL``), so on a single node a whole batch (claims, completions, releases) is one round trip, and on
-Redis Cluster the batch is split into one script per hash slot, all sent in one cluster pipeline (one
-round trip per node, in parallel). Keys carry no hash tag: ids spread over every slot. The hot calls
-(one claim; one completion; a deferred completion plus the next claim) take plain arguments and answer
-one integer; batches send their ops as one text blob.
+``NOSCRIPT``) that reads and writes one record per key (``is_completed`` is one ``HGET``), so on a
+single node a whole batch (claims, completions, releases) is one round trip, and on Redis Cluster the
+batch is split into one script per hash slot, all sent in one cluster pipeline (one round trip per
+node, in parallel). Keys carry no hash tag: ids spread over every slot. The hot calls (one claim; one
+completion; a deferred completion plus the next claim) take plain arguments and answer one integer
+(a claim packs the attempt counter under the fencing token); batches send their ops as one text blob.
 
 On a single node the store holds one connection of the client's pool for its script calls (taken at
-the first call, given back by :meth:`RedisDedupStore.aclose`), and packs those commands itself: a call
-then skips redis-py's per-command pool round (lock, health check, release) and its per-argument
-encoding, about 25 µs of client CPU per call with redis-py 8.1. The connection's own retry policy still
-re-sends a call after a dropped connection. A call made while that connection is busy (concurrent
-tasks) goes through the client as usual.
+the first call, given back by :meth:`RedisDedupStore.aclose`; shared with the stores
+:meth:`RedisDedupStore.scoped` makes), and packs those commands itself: a call then skips redis-py's
+per-command pool round (lock, health check, release) and its per-argument encoding, about 25 µs of
+client CPU per call with redis-py 8.1. The connection's own retry policy still re-sends a call after a
+dropped connection. A call made while that connection is busy (concurrent tasks) goes through the
+client as usual.
 
-A leased or released record outlives its lease by ``fence_retention`` seconds, so the fencing token of a
-takeover is always greater than the stale owner's. A claim whose reply was lost and that redis-py
-re-sent finds its own owner token in the record and answers ``NEW`` with the same lease; completions
-and releases are owner- *and* fencing-checked, and idempotent for their own owner.
+A leased, released or dead-lettered record outlives its last change by ``fence_retention`` seconds, so
+fencing tokens never repeat while it lives: a takeover's token is always greater than the stale
+owner's, and so is the token of a claim after a release, a dead-letter marker or ``forget``. A claim
+whose reply was lost and that redis-py re-sent finds its own owner token in the record and answers
+``NEW`` with the same lease (and attempt count); completions, releases and marks are owner- *and*
+fencing-checked, and idempotent for their own owner (a re-sent ``release(attempted=False)`` takes the
+attempt back once).
 
 A bounded LRU of recently completed ids (on ``clock``, never outliving the record's TTL) answers hot
 duplicates without a round trip; it can only answer ``DUPLICATE`` / ``CONFLICT``, never ``NEW``.
@@ -44,6 +50,7 @@ Errors from Redis propagate unchanged; the layer applies the fail-closed / fail-
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import itertools
 import logging
@@ -53,14 +60,15 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import redis.asyncio
 import redis.exceptions
 from redis.crc import key_slot
 
-from .._dedup import ClaimResult, ClaimStatus, Lease
+from .._dedup import ClaimResult, ClaimStatus, Lease, RecordState
 from .._exceptions import ConfigurationError
+from ._wire import safe_key_part
 
 __all__ = ["RedisDedupStore"]
 
@@ -73,17 +81,23 @@ log = logging.getLogger("streamwarden")
 #   claim); ARGV = dc keep owner fence ttl_ms fingerprint owner ms fingerprint.
 # * ``d``: complete KEYS[1]; ARGV = d keep owner fence ttl_ms fingerprint.
 # * ``*``: a batch, any op per key; ARGV = * keep blob, the blob one line per key
-#   "op owner fence ms fingerprint" (op c claim, d complete, r release, x extend, m mark; empty fields
+#   "op owner fence ms fingerprint" (op c claim, d complete, r release, u release of a lease whose
+#   handler never ran, x extend, l dead-letter mark, m mark completed, f forget, s state; empty fields
 #   allowed): one argument instead of five per key, and one string back, halve the client's encoding
 #   and parsing work for large batches. It returns "code value" per key, space-separated.
 #
-# ``keep`` is how many ms a leased or released record outlives its lease. The single-op calls answer
-# one integer: a claim value * 8 + code, a completion 1 done / 0 not the owner, and ``dc``
-# claim * 2 + completion; no string to format on the server or to split on the client.
-# Claims: 0 NEW (value = fencing token), 4 NEW by takeover of an expired lease, 1/5/6 DUPLICATE (value =
-# PTTL ms; stored fingerprint equal to the given one / none stored / stored but none given),
-# 2 IN_PROGRESS (value = ms left on the lease), 3 CONFLICT (value = PTTL ms).
-# Completions, releases, extensions and marks: 1 done, 0 not the owner.
+# ``keep`` is how many ms a leased, released or dead-lettered record outlives its last change (its lease
+# or marker window). The single-op calls answer one integer: a claim value * 8 + code, a completion
+# (see below), and ``dc`` claim * 2 + completion; no string to format on the server or to split on the
+# client.
+# Claims: 0 NEW (value = fencing token * 65536 + attempt counter, capped at 65535), 4 NEW by takeover of
+# an expired lease (value as for 0), 1/5/6 DUPLICATE (value = PTTL ms; stored fingerprint equal to the
+# given one / none stored / stored but none given), 7 DUPLICATE by a live dead-letter marker (value =
+# ms left), 2 IN_PROGRESS (value = ms left on the lease), 3 CONFLICT (value = PTTL ms). Integer replies
+# are exact below 2^53: fencing tokens up to 2^33 per id.
+# States (op s): 0 absent, 1 in progress, 2 completed, 3 released (or a marker past its window),
+# 4 dead-lettered. Completions: 1 done, 2 completed already by this owner (a re-sent call; ``dc`` folds
+# it into 1), 0 not the owner. Releases, extensions, marks and forgets: 1 done, 0 not the owner / none.
 _SCRIPT: Final = """
 local now
 local function clock()
@@ -95,7 +109,7 @@ local function clock()
 end
 local keep = tonumber(ARGV[2])
 local function claim(key, owner, ms, fp)
-  local r = redis.call('HMGET', key, 's', 'o', 'f', 'e', 'p')
+  local r = redis.call('HMGET', key, 's', 'o', 'f', 'e', 'p', 'a')
   local s = r[1]
   if s == 'c' then
     local p, code = r[5], 1
@@ -104,16 +118,21 @@ local function claim(key, owner, ms, fp)
     elseif p ~= fp then code = 3 end
     return code, redis.call('PTTL', key)
   end
+  local a = tonumber(r[6]) or 0
   if s == 'p' then
-    if r[2] == owner then return 0, tonumber(r[3]) end     -- our own claim, re-sent by a client retry
+    if r[2] == owner then return 0, tonumber(r[3]) * 65536 + math.min(a, 65535) end  -- re-sent claim
     local left = tonumber(r[4]) - clock()
     if left > 0 then return 2, left end                   -- another owner's live lease
+  elseif s == 'd' then
+    local left = tonumber(r[4]) - clock()
+    if left > 0 then return 7, left end                   -- dead-lettered moments ago
   end
-  local f = (tonumber(r[3]) or 0) + 1                     -- new, released, or an expired lease
-  redis.call('HSET', key, 's', 'p', 'o', owner, 'f', f, 'e', clock() + ms)
+  local f = (tonumber(r[3]) or 0) + 1                     -- new, released, marker over, expired lease
+  a = a + 1
+  redis.call('HSET', key, 's', 'p', 'o', owner, 'f', f, 'e', clock() + ms, 'a', a)
   redis.call('PEXPIRE', key, ms + keep)
-  if s == 'p' then return 4, f end
-  return 0, f
+  if s == 'p' then return 4, f * 65536 + math.min(a, 65535) end
+  return 0, f * 65536 + math.min(a, 65535)
 end
 local function complete(key, owner, fence, ms, fp)
   local r = redis.call('HMGET', key, 's', 'o', 'f')
@@ -123,7 +142,7 @@ local function complete(key, owner, fence, ms, fp)
     redis.call('PEXPIRE', key, ms)
     return 1
   end
-  if r[1] == 'c' then return 1 end
+  if r[1] == 'c' then return 2 end                        -- completed already (a re-sent completion)
   return 0
 end
 local call = ARGV[1]
@@ -131,7 +150,7 @@ if call == 'c' then
   local code, value = claim(KEYS[1], ARGV[3], tonumber(ARGV[4]), ARGV[5])
   return value * 8 + code
 elseif call == 'dc' then
-  local done = complete(KEYS[1], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6])
+  local done = math.min(complete(KEYS[1], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]), 1)
   local code, value = claim(KEYS[2], ARGV[7], tonumber(ARGV[8]), ARGV[9])
   return (value * 8 + code) * 2 + done
 elseif call == 'd' then
@@ -147,24 +166,50 @@ for op, owner, fence, ms, fp in string.gmatch(ARGV[3], '(%a) (%S*) (%d*) (%d+) (
   local code, value = 0, 0
   if op == 'c' then
     code, value = claim(key, owner, ms, fp)
+    if value >= 1e14 then value = string.format('%d', value) end  -- tostring() would round it
   elseif op == 'd' then
     code = complete(key, owner, fence, ms, fp)
   elseif op == 'm' then                                    -- mark completed without a claim
     redis.call('HSET', key, 's', 'c', 'o', '', 'p', fp)
     redis.call('PEXPIRE', key, ms)
     code = 1
+  elseif op == 's' then                                    -- state
+    local r = redis.call('HMGET', key, 's', 'e')
+    if r[1] == 'p' then code = 1
+    elseif r[1] == 'c' then code = 2
+    elseif r[1] == 'r' then code = 3
+    elseif r[1] == 'd' then
+      if tonumber(r[2]) > clock() then code = 4 else code = 3 end
+    end
+  elseif op == 'f' then                                    -- forget: released, history kept
+    if redis.call('HGET', key, 's') then
+      redis.call('HSET', key, 's', 'r', 'o', '', 'a', 0, 'p', '')
+      redis.call('PEXPIRE', key, keep)
+      code = 1
+    end
   else
-    local r = redis.call('HMGET', key, 's', 'o', 'f')
+    local r = redis.call('HMGET', key, 's', 'o', 'f', 'a')
     if r[2] == owner and r[3] == fence then
-      if op == 'r' then                                    -- release
+      if op == 'r' or op == 'u' then                       -- release (u: the handler never ran)
         if r[1] == 'p' then
-          redis.call('HSET', key, 's', 'r')
+          if op == 'u' then
+            redis.call('HSET', key, 's', 'r', 'a', math.max((tonumber(r[4]) or 0) - 1, 0))
+          else
+            redis.call('HSET', key, 's', 'r')
+          end
+          redis.call('PEXPIRE', key, keep)
           code = 1
-        elseif r[1] == 'r' then code = 1 end
+        elseif r[1] == 'r' then code = 1 end               -- re-sent: already done, nothing twice
       elseif op == 'x' and r[1] == 'p' then                -- extend
         redis.call('HSET', key, 'e', clock() + ms)
         redis.call('PEXPIRE', key, ms + keep)
         code = 1
+      elseif op == 'l' then                                -- dead-letter marker for ms
+        if r[1] == 'p' then
+          redis.call('HSET', key, 's', 'd', 'e', clock() + ms)
+          redis.call('PEXPIRE', key, ms + keep)
+          code = 1
+        elseif r[1] == 'd' then code = 1 end
       end
     end
   end
@@ -177,7 +222,14 @@ return table.concat(out, ' ')
 """
 _SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
-_NEW, _DUP_MATCH, _IN_PROGRESS, _CONFLICT, _TAKEOVER, _DUP_NO_FP, _DUP_UNCOMPARED = range(7)
+_NEW, _DUP_MATCH, _IN_PROGRESS, _CONFLICT, _TAKEOVER, _DUP_NO_FP, _DUP_UNCOMPARED, _DUP_MARKER = range(8)
+_STATES: Final = (
+    RecordState.ABSENT,
+    RecordState.IN_PROGRESS,
+    RecordState.COMPLETED,
+    RecordState.RELEASED,
+    RecordState.DEAD_LETTERED,
+)
 
 _DUPLICATE = ClaimResult(ClaimStatus.DUPLICATE)
 _CONFLICT_RESULT = ClaimResult(ClaimStatus.CONFLICT)
@@ -285,17 +337,33 @@ def _wire_fingerprint(fingerprint: str | None) -> str:
     return "#" + hashlib.blake2b(data, digest_size=32, person=b"sw-fingerprint").hexdigest()
 
 
+class _Link:
+    """The connection a store family (a store and its :meth:`RedisDedupStore.scoped` children) holds
+    from the client's pool for its script calls, shared by the family."""
+
+    __slots__ = ("ascii_safe", "busy", "conn")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.busy = False
+        # whether the pool's encoder keeps ASCII as is (then a store with an ASCII prefix packs itself)
+        self.ascii_safe = False
+
+
 class RedisDedupStore:
     """The Redis :class:`~streamwarden.DedupStore`: atomic leased claims, owner-checked completion.
 
     ``client`` is a ``redis.asyncio.Redis`` or ``redis.asyncio.RedisCluster`` (Redis >= 5.0); the store
     never closes it. Records live under ``{key_prefix}:dedup:{scope}:`` followed by the SHA-256 of the
     id, so any id (empty, megabytes long, containing ``:`` or ``{}``, non-UTF-8) gets a fixed-length,
-    collision-free, cluster-safe key.
+    collision-free, cluster-safe key. Any string is a scope: one that is not a short printable key
+    part is hashed (:func:`~streamwarden._redis._wire.safe_key_part`). :meth:`scoped` gives the store
+    of another scope, sharing the client, connection and options.
 
     ``local_cache_size`` bounds the LRU of recently completed ids (0 disables it); ``clock`` is the
     monotonic clock of that cache and of :attr:`Lease.expires_at`. ``fence_retention`` is how long a
-    leased or released record outlives its lease, keeping fencing tokens increasing across takeovers.
+    leased, released or dead-lettered record outlives its last change, keeping fencing tokens and the
+    attempt counter across takeovers, releases and markers.
     ``defer_completions`` sends completions with the next round trip or within ``flush_interval``
     seconds, and at once when ``max_deferred`` are queued (see the module docstring for the crash
     window); call :meth:`aclose` (or :meth:`flush`) before shutting down.
@@ -333,37 +401,58 @@ class RedisDedupStore:
             raise ValueError("flush_interval must be > 0 and max_deferred >= 1")
         self._client = client
         self.key_prefix = _check_name("key_prefix", key_prefix)
-        self.scope = _check_name("scope", scope)
-        self._prefix = f"{key_prefix}:dedup:{scope}:"
         self._cluster = isinstance(client, redis.asyncio.RedisCluster)
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[float, object]] = OrderedDict()
         self._cache_size = local_cache_size
-        self._unsettled: OrderedDict[str, str] = OrderedDict()
         self._keep = str(math.ceil(fence_retention * 1000))
         self._defer = defer_completions
         self._flush_interval = flush_interval
         self._max_deferred = max_deferred
-        # Queued completions: (message id, key, owner, fencing token, ttl ms, fingerprint); sent before
-        # anything else in the next call.
-        self._pending: list[_Completion] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task[None] | None = None
-        self._flush_failures = 0
-        # The connection this store holds from the client's pool for its script calls (single node, a
-        # client without a connection of its own): taken at the first call, returned by aclose(). A call
-        # made while it is busy (concurrent tasks) goes through the client and its pool as usual.
+        # The connection this store family holds from the client's pool for its script calls (single
+        # node, a client without a connection of its own): taken at the first call, returned by
+        # aclose(). A call made while it is busy (concurrent tasks) goes through the client and its
+        # pool as usual.
         self._dedicated = (
             dedicated_connection
             and not self._cluster
             and not getattr(client, "single_connection_client", False)
             and getattr(client, "connection", None) is None
         )
-        self._conn: Any = None
-        self._conn_busy = False
-        self._packs = False  # whether this store packs its commands itself (see _pack)
+        self._link = _Link()
+        self._family: dict[str, RedisDedupStore] = {}
+        self._root = True  # built directly: its aclose() flushes the scoped stores too
+        self._init_scope(scope)
+
+    def _init_scope(self, scope: str) -> None:
+        """Per-store state: the scope's key prefix, cache, queues and counters."""
+        self.scope = scope
+        self._family[scope] = self
+        self._prefix = f"{self.key_prefix}:dedup:{safe_key_part(scope)}:"
+        self._ascii_prefix = self._prefix.isascii()
+        self._cache: OrderedDict[str, tuple[float, object]] = OrderedDict()
+        self._unsettled: OrderedDict[str, str] = OrderedDict()
+        # Queued completions: (message id, key, owner, fencing token, ttl ms, fingerprint); sent before
+        # anything else in the next call.
+        self._pending: list[_Completion] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._flush_failures = 0
         self.takeovers = 0
         self.lost_completions = 0
+
+    def scoped(self, scope: str) -> Self:
+        """The store of ``scope``: the same client, connection and options, records of its own.
+
+        Cached per scope (the same object on every call, from any store of the family); :meth:`aclose`
+        of the store it was first made from also flushes the others.
+        """
+        found = self._family.get(scope)
+        if found is None:
+            # a shallow copy keeps a subclass's own attributes; _init_scope gives it state of its own
+            found = copy.copy(self)
+            found._root = False
+            found._init_scope(scope)
+        return found  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "single"
@@ -377,7 +466,7 @@ class RedisDedupStore:
     # --- running the script -------------------------------------------------------------------
     async def _call(self, *args: str) -> Any:
         """One script call: ``args`` are the key count, the keys and the ARGV (see :data:`_SCRIPT`)."""
-        if self._dedicated and not self._conn_busy:
+        if self._dedicated and not self._link.busy:
             return await self._call_dedicated(args)
         client: Any = self._client
         try:
@@ -386,24 +475,27 @@ class RedisDedupStore:
             return await client.execute_command("EVAL", _SCRIPT, *args)
 
     async def _call_dedicated(self, args: tuple[str, ...]) -> Any:
-        """The script call on the store's own connection, with the retries of the client's connections.
+        """The script call on the family's own connection, with the retries of the client's connections.
 
         What ``execute_command`` does, without taking a connection from the pool and giving it back
         per call (~15-20 µs of client CPU per call with redis-py 8.1), and with the command packed by
         :func:`_pack` (~7 µs less than redis-py's packing for a ``dc`` call).
         """
-        self._conn_busy = True
-        conn = self._conn
+        link = self._link
+        link.busy = True
+        conn = link.conn
         try:
             if conn is None:
                 conn = await self._take_connection()
-            packed = _pack(args) if self._packs else None
+            # Commands are packed here only when that gives the bytes redis-py would send: ASCII keys
+            # and an encoding that keeps ASCII as is (owner tokens, numbers and wire fingerprints are).
+            packed = _pack(args) if link.ascii_safe and self._ascii_prefix else None
             return await conn.retry.call_with_retry(
                 lambda: _attempt(conn, args, packed), lambda error: conn.disconnect()
             )
         finally:
-            self._conn_busy = False
-            if conn is not None and conn is not self._conn:  # aclose() ran meanwhile: give it back
+            link.busy = False
+            if conn is not None and conn is not link.conn:  # aclose() ran meanwhile: give it back
                 await self._give_back(conn)
 
     def _pool(self) -> Any:
@@ -416,16 +508,16 @@ class RedisDedupStore:
             conn = await pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name
             conn = await pool.get_connection("EVALSHA")
-        # Commands are packed here only when that gives the bytes redis-py would send: ASCII keys and
-        # an encoding that keeps ASCII as is (owner tokens, numbers and wire fingerprints are ASCII).
-        self._packs = self._prefix.isascii() and pool.get_encoder().encode(_ASCII) == _ASCII.encode()
-        self._conn = conn
+        link = self._link
+        link.ascii_safe = pool.get_encoder().encode(_ASCII) == _ASCII.encode()
+        link.conn = conn
         return conn
 
     async def _release_connection(self) -> None:
-        """Give the store's connection back to the pool (at once, or when its call in flight ends)."""
-        conn, self._conn = self._conn, None
-        if conn is not None and not self._conn_busy:
+        """Give the family's connection back to the pool (at once, or when its call in flight ends)."""
+        link = self._link
+        conn, link.conn = link.conn, None
+        if conn is not None and not link.busy:
             await self._give_back(conn)
 
     async def _give_back(self, conn: Any) -> None:
@@ -500,7 +592,7 @@ class RedisDedupStore:
     def _settle(self, batch: Sequence[_Completion], reply: Sequence[int]) -> None:
         """Account for queued completions that Redis answered."""
         for n, entry in enumerate(batch):
-            if reply[2 * n] != 1:
+            if reply[2 * n] == 0:
                 self._lost(entry[0])
 
     def _lost(self, message_id: str) -> None:
@@ -548,12 +640,15 @@ class RedisDedupStore:
         self, message_id: str, owner: str, code: int, value: int, now: float, lease_seconds: float, fp: str
     ) -> ClaimResult:
         if code in (_NEW, _TAKEOVER):
+            fence, attempt = divmod(value, 65536)
             if code == _TAKEOVER:  # the layer logs and counts it too (ClaimResult.takeover)
                 self.takeovers += 1
-            lease = _tuple_new(Lease, (message_id, owner, value, now + lease_seconds))
-            return _tuple_new(ClaimResult, (ClaimStatus.NEW, lease, None, code == _TAKEOVER))
+            lease = _tuple_new(Lease, (message_id, owner, fence, now + lease_seconds))
+            return _tuple_new(ClaimResult, (ClaimStatus.NEW, lease, None, code == _TAKEOVER, attempt))
         if code == _IN_PROGRESS:
             return ClaimResult(ClaimStatus.IN_PROGRESS, retry_after=value / 1000)
+        if code == _DUP_MARKER:  # not a completion: never cached (is_completed must stay False)
+            return _DUPLICATE
         if value > 0:  # PTTL of the completed record: the cache never outlives it
             known: object = fp if code == _DUP_MATCH else "" if code == _DUP_NO_FP else _UNKNOWN
             self._remember(message_id, now + value / 1000, known)
@@ -686,9 +781,10 @@ class RedisDedupStore:
             done = (await self._run([key], [f"d {owner} {fence} {ttl_ms} {fp}\n"]))[0]
         else:
             done = await self._call("1", key, "d", self._keep, owner, fence, ttl_ms, fp)
-        if done != 1:
+        if done == 0:
             return False
-        self._remember(message_id, expires_at, fp)
+        if done == 1:  # 2: completed before (a re-sent call): the record keeps its fingerprint and TTL
+            self._remember(message_id, expires_at, fp)
         return True
 
     async def complete_many(
@@ -720,11 +816,11 @@ class RedisDedupStore:
             await self._after_deferring()
             return [True] * len(ops)
         reply = await self._run([entry[1] for entry in ops], [_completion_line(entry) for entry in ops])
-        done = [reply[2 * n] == 1 for n in range(len(ops))]
-        for lease, fp, ok in zip(leases, fps, done, strict=True):
-            if ok:
+        codes = [reply[2 * n] for n in range(len(ops))]
+        for lease, fp, code in zip(leases, fps, codes, strict=True):
+            if code == 1:  # 2: completed before; the record keeps its fingerprint and TTL
                 self._remember(lease.message_id, expires_at, fp)
-        return done
+        return [code != 0 for code in codes]
 
     async def _after_deferring(self) -> None:
         if len(self._pending) >= self._max_deferred:
@@ -759,17 +855,34 @@ class RedisDedupStore:
                 self._schedule_flush()
 
     async def aclose(self) -> None:
-        """Stop the background flush, send queued completions and give back the store's connection
-        (the client stays open; the store takes a connection again if it is used afterwards)."""
+        """Stop the background flush, send queued completions and give back the family's connection
+        (the client stays open; the store takes a connection again if it is used afterwards).
+
+        On the store that was built directly, this also flushes every store :meth:`scoped` made from
+        it; the first failure is raised after all were tried.
+        """
+        stores = [self]
+        if self._root:
+            stores += [store for store in self._family.values() if store is not self]
+        failure: BaseException | None = None
+        try:
+            for store in stores:
+                try:
+                    await store._stop_and_flush()
+                except Exception as exc:
+                    failure = failure or exc
+        finally:
+            await self._release_connection()
+        if failure is not None:
+            raise failure
+
+    async def _stop_and_flush(self) -> None:
         self._cancel_timer()
         flusher = self._flusher
         if flusher is not None:
             await asyncio.gather(flusher, return_exceptions=True)
             self._cancel_timer()  # a failed flush re-arms it
-        try:
-            await self.flush()
-        finally:
-            await self._release_connection()
+        await self.flush()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -783,9 +896,13 @@ class RedisDedupStore:
         await self.aclose()
 
     # --- the rest of the protocol -------------------------------------------------------------
-    async def release(self, lease: Lease) -> bool:
-        """Drop the claim (owner- and fencing-checked) so the id can be claimed again at once."""
-        line = f"r {lease.owner} {lease.fencing_token} 1 \n"
+    async def release(self, lease: Lease, *, attempted: bool = True) -> bool:
+        """Let the id be claimed again at once (owner- and fencing-checked, idempotent for its owner).
+
+        The fencing token and the attempt counter stay in the record; ``attempted=False`` (the handler
+        never ran under this lease) takes the attempt back, once even if the call is re-sent.
+        """
+        line = f"{'r' if attempted else 'u'} {lease.owner} {lease.fencing_token} 1 \n"
         return (await self._run([self.key(lease.message_id)], [line]))[0] == 1
 
     async def extend(self, lease: Lease, lease_seconds: float) -> Lease | None:
@@ -796,8 +913,24 @@ class RedisDedupStore:
             return None
         return Lease(lease.message_id, lease.owner, lease.fencing_token, now + lease_seconds)
 
+    async def mark_dead_lettered(self, lease: Lease, window_seconds: float) -> bool:
+        """After a confirmed DLQ write: claims answer ``DUPLICATE`` for ``window_seconds`` (server clock),
+        then ``NEW`` with the next fencing token. Owner- and fencing-checked, idempotent for its owner.
+
+        The marker is not a completion: :meth:`is_completed` stays ``False`` and no cache holds it.
+        """
+        line = f"l {lease.owner} {lease.fencing_token} {_milliseconds(window_seconds)} \n"
+        return (await self._run([self.key(lease.message_id)], [line]))[0] == 1
+
+    async def state(self, message_id: str) -> RecordState:
+        """The state of the record in Redis, in one script call (deferred completions are sent first)."""
+        return _STATES[(await self._run([self.key(message_id)], ["s   1 \n"]))[0]]
+
     async def is_completed(self, message_id: str) -> bool:
-        """Whether ``message_id`` is completed and still remembered (here or in Redis)."""
+        """Whether ``message_id`` is completed and still remembered (here or in Redis).
+
+        A dead-letter marker is not a completion.
+        """
         if self._cache and self._cached(message_id, "", self._clock()) is not None:
             return True
         state = await self._client.hget(self.key(message_id), "s")
@@ -813,14 +946,17 @@ class RedisDedupStore:
         self._remember(message_id, expires_at, fp)
 
     async def forget(self, message_id: str) -> bool:
-        """Delete every record of ``message_id``: in Redis, in this process's cache and queue.
+        """Make ``message_id`` claimable again at once, here and in Redis: the record becomes released
+        with its attempt counter at 0 and no fingerprint, and keeps its fencing token (the next claim
+        gets a greater one) for ``fence_retention``. Any lease on it is cut off. ``True`` when Redis
+        had a record.
 
-        Other processes' caches may still answer ``DUPLICATE`` until their entry expires.
+        Clears this process's cache and queue; other processes' caches may still answer ``DUPLICATE``
+        until their entry expires (at most the dedup TTL, see ``docs/dedup.md``).
         """
         self._cache.pop(message_id, None)
         self._pending = [entry for entry in self._pending if entry[0] != message_id]
-        deleted = await self._client.delete(self.key(message_id))
-        return bool(deleted)
+        return (await self._run([self.key(message_id)], ["f   1 \n"]))[0] == 1
 
     # --- start-up checks ----------------------------------------------------------------------
     async def check_eviction_policy(self, *, refuse: bool = False) -> str | None:

@@ -27,8 +27,15 @@ message must not be acknowledged.
 * an encoded payload above ``max_payload_bytes`` is left out (``payload_encoding=omitted``,
   ``payload_omitted_reason=oversize``, ``payload_size`` = its encoded size): the entry keeps the metadata;
 * ``error_message``, ``traceback`` and header values are redacted by ``redact_patterns`` before they
-  are written; the traceback is bounded again (its last ``max_traceback_chars`` characters). The
-  payload itself is stored as it is, because a replay needs it.
+  are written (:meth:`~streamwarden.Redactor.entry`, the same as the embedded store); the traceback is
+  bounded again (its last ``max_traceback_chars`` characters). The payload itself is stored as it is,
+  because a replay needs it;
+* every text field is encoded so that no ``str`` can fail the write: UTF-8 with ``surrogateescape``
+  (text decoded from non-UTF-8 bytes round-trips), lone surrogates that no bytes produce as ``\\udXXX``
+  escapes; a message id that is not UTF-8 is kept exactly (``message_id_b64``, and
+  ``message_id_codec=surrogatepass`` for lone surrogates);
+* ``consumer_group`` (when known) names the group that failed the message: with the destination, the
+  dedup scope a replay runs in.
 
 Reading an entry whose payload was not stored gives an :class:`OmittedPayload` as ``entry.payload``.
 """
@@ -44,9 +51,17 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from .._dlq import DeadLetterEntry, OmittedPayload, entry_matches, tail_text
+from .._dlq import (
+    DEFAULT_REDACT_HEADER_NAMES,
+    DEFAULT_REDACT_PATTERNS,
+    REDACTED,
+    DeadLetterEntry,
+    OmittedPayload,
+    Redactor,
+    entry_matches,
+)
 from .._exceptions import DeadLetterError, DeadLetterQueueFullError
-from ._wire import as_text, encode, safe_key_part
+from ._wire import as_text, encode_text, safe_key_part
 
 __all__ = [
     "DEFAULT_REDACT_HEADER_NAMES",
@@ -58,34 +73,6 @@ __all__ = [
     "parse_entry_id",
     "safe_key_part",
 ]
-
-REDACTED: Final = "[REDACTED]"
-
-#: Regular expressions whose matches are redacted. When a pattern has a group named ``secret`` only that
-#: group is replaced by ``[REDACTED]`` (the key name stays readable); otherwise the whole match is.
-DEFAULT_REDACT_PATTERNS: Final[tuple[str, ...]] = (
-    # password=..., token: ..., "api_key": "...", client_secret=..., in URLs, logs, JSON and repr()s
-    r"""(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|apikey|access[_-]?key|secret[_-]?key"""
-    r"""|client[_-]?secret|private[_-]?key|credentials?)["']?\s*[:=]\s*["']?(?P<secret>[^\s"'&,;}\]]+)""",
-    # Authorization: Bearer <token> / Basic <credentials>
-    r"(?i)\b(?:bearer|basic)\s+(?P<secret>[A-Za-z0-9._~+/=-]{6,})",
-    # AWS access key ids
-    r"\b(?P<secret>(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16})\b",
-    # AWS secret access keys next to a telling name (aws_secret_access_key = ..., AWS_SECRET=...)
-    r"""(?i)aws[A-Za-z_ -]{0,24}(?:secret|key)["']?\s*[:=]\s*["']?(?P<secret>[A-Za-z0-9/+=]{40})""",
-    # user:password@ in URLs (redis://user:pw@host, https://user:pw@host)
-    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:(?P<secret>[^@\s/]+)@",
-)
-
-#: Header names whose values are always redacted whole (case-insensitive).
-DEFAULT_REDACT_HEADER_NAMES: Final[tuple[str, ...]] = (
-    "authorization",
-    "proxy-authorization",
-    "cookie",
-    "set-cookie",
-    "x-api-key",
-    "x-auth-token",
-)
 
 _SCHEMA_VERSION: Final = "1"
 _STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
@@ -102,51 +89,6 @@ def parse_entry_id(entry_id: str) -> tuple[str, str] | None:
     if not sep or not destination or not _STREAM_ID.fullmatch(stream_id):
         return None
     return destination, stream_id
-
-
-class Redactor:
-    """Redacts secrets from text and header values with a list of regular expressions.
-
-    >>> Redactor().text("login failed: password=hunter2")
-    'login failed: password=[REDACTED]'
-    """
-
-    __slots__ = ("_header_names", "_patterns")
-
-    def __init__(
-        self,
-        patterns: Iterable[str | re.Pattern[str]] = DEFAULT_REDACT_PATTERNS,
-        *,
-        header_names: Iterable[str] = DEFAULT_REDACT_HEADER_NAMES,
-    ) -> None:
-        self._patterns = tuple(p if isinstance(p, re.Pattern) else re.compile(p) for p in patterns)
-        self._header_names = frozenset(h.lower() for h in header_names)
-
-    def text(self, text: str) -> str:
-        """``text`` with every match of every pattern redacted."""
-        for pattern in self._patterns:
-            if "secret" in pattern.groupindex:
-                text = pattern.sub(_redact_secret_group, text)
-            else:
-                text = pattern.sub(REDACTED, text)
-        return text
-
-    def headers(self, headers: Mapping[str, Any]) -> dict[str, str]:
-        """Header values as text, redacted; values of sensitive header names are redacted whole."""
-        out: dict[str, str] = {}
-        for name, value in headers.items():
-            key = str(name)
-            out[key] = REDACTED if key.lower() in self._header_names else self.text(str(value))
-        return out
-
-
-def _redact_secret_group(match: re.Match[str]) -> str:
-    start, end = match.span("secret")
-    if start < 0:
-        return REDACTED
-    whole = match.group(0)
-    offset = match.start()
-    return whole[: start - offset] + REDACTED + whole[end - offset :]
 
 
 # KEYS[1] stream. ARGV[1] capacity (0: unbounded). ARGV[2..] field, value, ...
@@ -230,6 +172,10 @@ class RedisDeadLetterStore:
         """The Redis key of the stream holding ``destination``'s dead letters."""
         return f"{self.key_prefix}:dlq:{safe_key_part(destination)}"
 
+    def queue_name(self, destination: str) -> str:
+        """Where ``destination``'s dead letters are written: its stream key (see :class:`NamedQueues`)."""
+        return self.stream_key(destination)
+
     # --- writes ---------------------------------------------------------------------------------
     async def add(self, entry: DeadLetterEntry) -> str:
         """Append ``entry``; returns ``"{destination}/{stream id}"`` once Redis confirmed the write.
@@ -276,7 +222,7 @@ class RedisDeadLetterStore:
         # Registered once per process; the index is never shrunk, so another process's purge cannot
         # leave a stream that the index does not know.
         if destination not in self._registered:
-            await self.client.hset(self.index_key, encode(destination), key)
+            await self.client.hset(self.index_key, encode_text(destination), key)
             self._registered.add(destination)
 
     def _confirmed(self, destination: str, reply: Sequence[Any]) -> str:
@@ -416,39 +362,41 @@ class RedisDeadLetterStore:
 
     # --- encoding -------------------------------------------------------------------------------
     def _encode(self, entry: DeadLetterEntry) -> builtins.list[str | bytes]:
-        """Flat field/value list for XADD (see the module docstring for the fields)."""
-        redact = self.redactor
+        """Flat field/value list for XADD (see the module docstring for the fields).
+
+        Every text field is encoded by :func:`encode_text`, so no ``str`` (lone surrogates included)
+        can make the write fail: a message that cannot be dead-lettered would fail forever.
+        """
+        entry = self.redactor.entry(entry, self.max_traceback_chars)
         fields: builtins.list[str | bytes] = ["v", _SCHEMA_VERSION]
         if entry.message_id is not None:
-            try:
-                fields += ["message_id", entry.message_id.encode("utf-8")]
-            except UnicodeEncodeError:  # a non-UTF-8 id (surrogateescape): keep its exact bytes
-                fields += ["message_id_b64", base64.b64encode(encode(entry.message_id)).decode("ascii")]
-        fields += ["destination", encode(entry.destination)]
+            fields += _message_id_fields(entry.message_id)
+        fields += ["destination", encode_text(entry.destination)]
         fields += self._encode_payload(entry.payload)
-        traceback = tail_text(redact.text(entry.traceback), self.max_traceback_chars)
         fields += [
-            "reason", entry.reason,
-            "error_type", entry.error_type,
-            "error_class", entry.error_class,
-            "error_message", encode(DeadLetterEntry.bound_message(redact.text(entry.error_message))),
+            "reason", encode_text(entry.reason),
+            "error_type", encode_text(entry.error_type),
+            "error_class", encode_text(entry.error_class),
+            "error_message", encode_text(entry.error_message),
             "attempts", str(entry.attempts),
-            "service", encode(entry.service),
-            "headers", json.dumps(redact.headers(entry.headers), ensure_ascii=True),
-            "traceback", encode(traceback),
+            "service", encode_text(entry.service),
+            "headers", json.dumps(entry.headers, ensure_ascii=True),
+            "traceback", encode_text(entry.traceback),
             "first_failed_at", repr(float(entry.first_failed_at)),
             "dead_lettered_at", repr(float(entry.dead_lettered_at)),
             "delivery_count", str(entry.delivery_count),
         ]  # fmt: skip
         if entry.source_ref is not None:
-            fields += ["source_ref", encode(entry.source_ref)]
+            fields += ["source_ref", encode_text(entry.source_ref)]
+        if entry.consumer_group is not None:
+            fields += ["consumer_group", encode_text(entry.consumer_group)]
         if entry.trace_id:
-            fields += ["trace_id", entry.trace_id]
+            fields += ["trace_id", encode_text(entry.trace_id)]
         if entry.span_id:
-            fields += ["span_id", entry.span_id]
+            fields += ["span_id", encode_text(entry.span_id)]
         traceparent = entry.traceparent
         if traceparent:
-            fields += ["traceparent", traceparent]
+            fields += ["traceparent", encode_text(traceparent)]
         return fields
 
     def _encode_payload(self, payload: Any) -> builtins.list[str | bytes]:
@@ -482,7 +430,8 @@ class RedisDeadLetterStore:
 
         message_id = optional("message_id")
         if message_id is None and "message_id_b64" in fields:
-            message_id = base64.b64decode(field("message_id_b64")).decode("utf-8", "surrogateescape")
+            codec = "surrogatepass" if field("message_id_codec") == "surrogatepass" else "surrogateescape"
+            message_id = base64.b64decode(field("message_id_b64")).decode("utf-8", codec)
         try:
             headers = json.loads(field("headers", "{}"))
         except ValueError:
@@ -503,10 +452,28 @@ class RedisDeadLetterStore:
             dead_lettered_at=float(field("dead_lettered_at", "0")),
             delivery_count=int(field("delivery_count", "1")),
             source_ref=optional("source_ref"),
+            consumer_group=optional("consumer_group"),
             trace_id=optional("trace_id"),
             span_id=optional("span_id"),
             entry_id=f"{destination}/{stream_id}",
         )
+
+
+def _message_id_fields(message_id: str) -> list[str | bytes]:
+    """The id as text, or the base64 of its exact bytes when it is not UTF-8: bytes decoded with
+    ``surrogateescape``, or lone surrogates no bytes produce (then ``message_id_codec=surrogatepass``)."""
+    try:
+        return ["message_id", message_id.encode("utf-8")]
+    except UnicodeEncodeError:
+        pass
+    try:
+        data, codec = message_id.encode("utf-8", "surrogateescape"), ""
+    except UnicodeEncodeError:
+        data, codec = message_id.encode("utf-8", "surrogatepass"), "surrogatepass"
+    fields: list[str | bytes] = ["message_id_b64", base64.b64encode(data).decode("ascii")]
+    if codec:
+        fields += ["message_id_codec", codec]
+    return fields
 
 
 def _omitted_fields(reason: str, size: int, preview: str) -> list[str | bytes]:
@@ -516,7 +483,7 @@ def _omitted_fields(reason: str, size: int, preview: str) -> list[str | bytes]:
         "payload_size", str(size),
     ]  # fmt: skip
     if preview:
-        fields += ["payload_preview", encode(preview)]
+        fields += ["payload_preview", encode_text(preview)]
     return fields
 
 

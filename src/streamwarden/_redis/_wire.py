@@ -10,7 +10,7 @@ import hashlib
 import re
 from typing import Any, Final
 
-__all__ = ["as_text", "encode", "safe_key_part"]
+__all__ = ["as_text", "encode", "encode_text", "safe_key_part"]
 
 _SAFE_KEY_PART: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
@@ -23,12 +23,27 @@ def as_text(value: Any) -> str:
 
 
 def encode(value: str) -> bytes:
-    """Text for Redis; lone surrogates (non-UTF-8 ids) round-trip through ``surrogateescape``."""
+    """Text for Redis; lone surrogates (non-UTF-8 ids) round-trip through ``surrogateescape``.
+
+    Raises ``UnicodeEncodeError`` for surrogates that no bytes produce (``"\\ud800"`` from JSON);
+    :func:`encode_text` never does.
+    """
     return value.encode("utf-8", "surrogateescape")
 
 
+def encode_text(value: str) -> bytes:
+    """Any ``str`` as bytes for Redis, never raising: UTF-8 with ``surrogateescape`` (so text decoded
+    from non-UTF-8 bytes round-trips through :func:`as_text`), and lone surrogates that no bytes
+    produce written as ``\\udXXX`` escapes (readable, not round-tripped)."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace")
+
+
 def safe_key_part(name: str) -> str:
-    """``name`` if it is a short, printable key part; else ``#`` + the SHA-256 of its UTF-8 bytes."""
+    """``name`` if it is a short, printable key part; else ``#`` + the SHA-256 of its bytes
+    (:func:`encode_text`: any ``str`` works, and a name read back from Redis maps to the same key)."""
     if _SAFE_KEY_PART.fullmatch(name):
         return name
-    return "#" + hashlib.sha256(encode(name)).hexdigest()
+    return "#" + hashlib.sha256(encode_text(name)).hexdigest()
