@@ -25,17 +25,21 @@ from ._dedup import DedupPolicy as DedupPolicy
 from ._dedup import DedupStore as DedupStore
 from ._dedup import InMemoryDedupStore as InMemoryDedupStore
 from ._dedup import Lease as Lease
+from ._dedup import RecordState as RecordState
+from ._dlq import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
 from ._dlq import DeadLetterEntry as DeadLetterEntry
 from ._dlq import DeadLetterReason as DeadLetterReason
 from ._dlq import DeadLetterStore as DeadLetterStore
 from ._dlq import InMemoryDeadLetterStore as InMemoryDeadLetterStore
 from ._dlq import OmittedPayload as OmittedPayload
+from ._dlq import Redactor as Redactor
 from ._envelope import Envelope as Envelope
 from ._exceptions import CircuitOpenError as CircuitOpenError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import DeadLetterError as DeadLetterError
 from ._exceptions import DeadLetterQueueFullError as DeadLetterQueueFullError
 from ._exceptions import DeduplicationUnavailableError as DeduplicationUnavailableError
+from ._exceptions import HandlerAborted as HandlerAborted
 from ._exceptions import HandlerTimeout as HandlerTimeout
 from ._exceptions import InvalidMessageError as InvalidMessageError
 from ._exceptions import InvalidProcessorError as InvalidProcessorError
@@ -43,13 +47,10 @@ from ._exceptions import MessageInProgressError as MessageInProgressError
 from ._exceptions import MissingMessageIdError as MissingMessageIdError
 from ._exceptions import PoisonMessageError as PoisonMessageError
 from ._exceptions import StreamwardenError as StreamwardenError
-from ._layer import Outcome as Outcome
 from ._layer import ProcessResult as ProcessResult
 from ._layer import ReliabilityLayer as ReliabilityLayer
 from ._layer import current_lease as current_lease
-from ._redis import DEFAULT_REDACT_PATTERNS as DEFAULT_REDACT_PATTERNS
 from ._redis import CounterFlusher as CounterFlusher
-from ._redis import Redactor as Redactor
 from ._redis import RedisCounterStore as RedisCounterStore
 from ._redis import RedisDeadLetterStore as RedisDeadLetterStore
 from ._redis import RedisDedupStore as RedisDedupStore
@@ -70,6 +71,7 @@ from ._runners import RedisStreamConsumer as RedisStreamConsumer
 from ._runners import StreamProducer as StreamProducer
 from ._settings import ReliabilitySettings as ReliabilitySettings
 from ._telemetry import configure_telemetry as configure_telemetry
+from ._types import Outcome as Outcome
 
 __all__ = [
     "DEFAULT_REDACT_PATTERNS",
@@ -100,6 +102,7 @@ __all__ = [
     "ErrorClass",
     "ErrorClassifier",
     "ErrorHandler",
+    "HandlerAborted",
     "HandlerTimeout",
     "Health",
     "InMemoryDeadLetterStore",
@@ -114,6 +117,7 @@ __all__ = [
     "Outcome",
     "PoisonMessageError",
     "ProcessResult",
+    "RecordState",
     "Redactor",
     "RedisCounterStore",
     "RedisDeadLetterStore",

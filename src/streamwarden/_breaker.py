@@ -22,12 +22,13 @@ success, since the call could not change anything; that keeps the fast path at a
 from __future__ import annotations
 
 import contextvars
+import enum
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
 import pybreaker
 
@@ -46,13 +47,15 @@ __all__ = [
 log = logging.getLogger("streamwarden.breaker")
 
 
-class BreakerState:
-    """State names as they appear in telemetry (``half_open`` with an underscore)."""
+class BreakerState(enum.StrEnum):
+    """Breaker states, spelled as they appear in telemetry (``half_open`` with an underscore).
 
-    CLOSED: Final = "closed"
-    OPEN: Final = "open"
-    HALF_OPEN: Final = "half_open"
-    ALL: Final = ("closed", "open", "half_open")
+    Members equal their strings (``BreakerState.OPEN == "open"``); iterate the class for all of them.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 _FROM_PYBREAKER = {
@@ -130,7 +133,7 @@ class Admission:
 class CircuitBreaker:
     """A named circuit breaker for one downstream dependency.
 
-    Use it as ``async with breaker: await call()`` (the seed's form) or through
+    Use it as ``async with breaker: await call()`` (the original module's form) or through
     :class:`~streamwarden.ReliabilityLayer`, which admits every attempt through it.
     """
 
@@ -144,7 +147,7 @@ class CircuitBreaker:
     ) -> None:
         if policy is None:
             policy = BreakerPolicy()
-        elif not isinstance(policy, BreakerPolicy):  # the seed passes its settings object
+        elif not isinstance(policy, BreakerPolicy):  # the original module passes its settings object
             policy = policy.breaker_policy()
         self.policy: BreakerPolicy = policy
         self.name = name
@@ -174,7 +177,7 @@ class CircuitBreaker:
 
     # --- state --------------------------------------------------------------------------------
     @property
-    def state(self) -> str:
+    def state(self) -> BreakerState:
         """Current state: ``closed``, ``open`` or ``half_open`` (an elapsed open timeout shows as open)."""
         return self._state
 
@@ -199,7 +202,7 @@ class CircuitBreaker:
         if listener not in self._rejection_listeners:
             self._rejection_listeners.append(listener)
 
-    def _on_state_change(self, old: str, new: str) -> None:
+    def _on_state_change(self, old: BreakerState, new: BreakerState) -> None:
         if old == new:
             return
         self._state = new
@@ -291,7 +294,7 @@ class CircuitBreaker:
             if self._state != BreakerState.HALF_OPEN:
                 self._trial_running = False
 
-    # --- seed form: async with breaker --------------------------------------------------------
+    # --- the original module's form: async with breaker --------------------------------------------------------
     async def __aenter__(self) -> CircuitBreaker:
         admission = self.admit()
         self._admissions.set((*self._admissions.get(), admission))

@@ -11,7 +11,7 @@ are consulted in this order, the first answer wins:
 4. Redis error kinds: connection, timeout, loading, ``TRYAGAIN``, ``CLUSTERDOWN`` and ``READONLY``
    (a failover) are transient; permission, authentication, data and other response errors are
    configuration or programming errors and permanent;
-5. builtins, after the seed design: ``ConnectionError`` and ``TimeoutError`` are transient;
+5. builtins, as in the original module: ``ConnectionError`` and ``TimeoutError`` are transient;
    ``ValueError`` (pydantic's ``ValidationError`` is one), ``TypeError``, ``LookupError``,
    ``NotImplementedError`` and ``PermissionError`` are permanent;
 6. otherwise the explicit cause (``raise X from Y``): an exception that is ``unknown`` by itself takes
@@ -67,12 +67,21 @@ _BUILTIN_PERMANENT: tuple[type[BaseException], ...] = (
 _MAX_CAUSE_DEPTH = 16
 
 
+def _attribute(obj: object, name: str) -> Any:
+    """``getattr(obj, name, None)`` that also survives a property raising something else than
+    ``AttributeError``: exceptions come from user code, and classifying one must never fail."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:
+        return None
+
+
 def _status_code(error: BaseException) -> int | None:
-    for holder in (error, getattr(error, "response", None)):
+    for holder in (error, _attribute(error, "response")):
         if holder is None:
             continue
         for attr in ("status_code", "status"):
-            value = getattr(holder, attr, None)
+            value = _attribute(holder, attr)
             if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
                 return value
     return None
@@ -114,16 +123,22 @@ class ErrorClassifier:
         self._rules.append(rule)
 
     def classify(self, error: BaseException) -> ErrorClass:
-        """Return the class of ``error``, following its ``__cause__`` chain when it is unknown by itself."""
+        """Return the class of ``error``, following its ``__cause__`` chain when it is unknown by itself.
+
+        Never raises, whatever the exception object does: anything that is not an ``Exception`` (a
+        ``SystemExit`` from a handler, say) is permanent; a cause that is not an exception ends the chain.
+        """
+        if not isinstance(error, Exception):
+            return ErrorClass.PERMANENT
         seen: set[int] = set()
-        current: BaseException | None = error
+        current: object = error
         depth = 0
-        while current is not None and id(current) not in seen and depth < _MAX_CAUSE_DEPTH:
+        while isinstance(current, BaseException) and id(current) not in seen and depth < _MAX_CAUSE_DEPTH:
             seen.add(id(current))
             answer = self._classify_one(current)
             if answer is not ErrorClass.UNKNOWN:
                 return answer
-            current = current.__cause__
+            current = _attribute(current, "__cause__")
             depth += 1
         return ErrorClass.UNKNOWN
 
@@ -135,7 +150,7 @@ class ErrorClassifier:
                 answer = None
             if answer is not None:
                 return answer
-        retriable: Any = getattr(error, "retriable", None)
+        retriable: Any = _attribute(error, "retriable")
         if isinstance(retriable, bool):
             return ErrorClass.TRANSIENT if retriable else ErrorClass.PERMANENT
         code = _status_code(error)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from ._counters import SEED_COUNTERS, CounterStore, with_rates
+from ._counters import COUNTER_NAMES, CounterStore, with_rates
 from ._dedup import ClaimResult, ClosableStore, DedupPolicy, DedupStore, InMemoryDedupStore, Lease
 from ._redis import RedisCounterStore, RedisDedupStore
 
@@ -49,7 +49,10 @@ class DeduplicationManager:
         self.redis_client = redis_client
         if store is None:
             if redis_client is not None:
-                store = RedisDedupStore(redis_client, key_prefix=key_prefix, **(store_options or {}))
+                # the layer's clock, so a lease's expires_at and the layer's freshness checks agree
+                store = RedisDedupStore(
+                    redis_client, key_prefix=key_prefix, clock=clock, **(store_options or {})
+                )
             else:
                 store = InMemoryDedupStore(clock=clock)
         self.store: DedupStore = store
@@ -117,7 +120,7 @@ class MetricsCollector:
         self.store = store
         #: Live counts of this process. Every seed counter is present, so owners of the collector (the
         #: layer) may add to a known key in place; flushes send the difference to the last flush.
-        self.counts: dict[str, int] = dict.fromkeys(SEED_COUNTERS, 0)
+        self.counts: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self._flushed: dict[str, int] = {}
         self._flush_lock = asyncio.Lock()
 
@@ -157,7 +160,7 @@ class MetricsCollector:
         """
         if self.store is not None:
             await self.flush()
-            counts: dict[str, int] = dict.fromkeys(SEED_COUNTERS, 0)
+            counts: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
             counts.update(await self.store.totals())
         else:
             counts = dict(self.counts)

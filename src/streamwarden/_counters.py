@@ -1,10 +1,8 @@
-"""Seed-compatible reliability counters: ``MetricsCollector.increment`` / ``get_reliability_metrics``.
+"""Reliability counters: the names, the store contract and the derived rates.
 
-The seed incremented one Redis key per metric per message (``INCRBY``) and read them back with
-``KEYS``. Here counting is an in-process dict update; a counter store (the Redis hash of issue #3, one
-hash per service) receives the accumulated deltas in batches via :meth:`MetricsCollector.flush`, never
-per message. ``increment`` counts immediately and returns an already-finished awaitable, so both the
-seed's ``self.metrics_collector.increment(...)`` and ``await collector.increment(...)`` work.
+Counting happens in process memory (:class:`~streamwarden.MetricsCollector`, a dict update per event);
+a :class:`CounterStore` (one Redis hash per service) receives the accumulated deltas in batches, never a
+round trip per message.
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from . import _names as n
 
-__all__ = ["SEED_COUNTERS", "CounterStore", "Flushable", "with_rates"]
+__all__ = ["COUNTER_NAMES", "CounterStore", "Flushable", "with_rates"]
 
-SEED_COUNTERS = (
+COUNTER_NAMES = (
     n.COUNTER_TOTAL,
     n.COUNTER_PROCESSED,
     n.COUNTER_DEDUPLICATED,

@@ -1,6 +1,6 @@
 """``ErrorHandler``: classify a failure and route it, by class, to the dead-letter queue.
 
-This is the seed's ``ErrorHandler`` (``classify_error``, ``handle_error`` and the three
+This is the original module's ``ErrorHandler`` (``classify_error``, ``handle_error`` and the three
 ``handle_*_error`` routes). By the time an error reaches it, retries are over (the layer retries
 transient errors before it hands them on), so each route ends in the dead-letter queue; they are
 separate methods so a subclass can route one class elsewhere. The DLQ write is wrapped in a
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 
 from . import _names as n
 from ._classify import ErrorClass, ErrorClassifier
@@ -25,11 +25,12 @@ from ._dlq import (
     DeadLetterStore,
     DepthReporting,
     InMemoryDeadLetterStore,
-    error_type_name,
-    format_traceback,
+    NamedQueues,
+    Redactor,
+    format_traceback_safely,
 )
 from ._envelope import Envelope, coerce_message_id
-from ._exceptions import DeadLetterError
+from ._exceptions import DeadLetterError, error_text, error_type_name, reported_type
 from ._settings import ReliabilitySettings
 from ._telemetry import Telemetry, telemetry_for
 
@@ -54,12 +55,25 @@ class ErrorHandler:
         self.max_retries = self.settings.max_retries
         self.backoff_factor = self.settings.backoff_factor
         self.classifier = classifier or ErrorClassifier()
-        self.dead_letters: DeadLetterStore = dead_letters or InMemoryDeadLetterStore(
-            max_entries=self.settings.dlq_max_entries
-        )
+        if dead_letters is None:
+            options = self.settings.dead_letter_store_options()
+            embedded: dict[str, Any] = {"max_traceback_chars": options["max_traceback_chars"]}
+            if "redact_patterns" in options:
+                embedded["redact_patterns"] = options["redact_patterns"]
+            dead_letters = InMemoryDeadLetterStore(max_entries=self.settings.dlq_max_entries, **embedded)
+        self.dead_letters: DeadLetterStore = dead_letters
         self.telemetry = telemetry or telemetry_for(self.settings.service_name)
+        patterns = self.settings.dlq_redact_patterns
+        #: redacts secrets from error texts, tracebacks and headers before they are stored or traced
+        self.redactor = Redactor() if patterns is None else Redactor(patterns)
         if isinstance(self.dead_letters, DepthReporting):
             self.telemetry.add_dlq_depth_source(self.dead_letters.depths)
+
+    def dlq_name(self, destination: str) -> str:
+        """Where the entries of ``destination`` are written (a Redis key, or ``{destination}.dlq``)."""
+        if isinstance(self.dead_letters, NamedQueues):
+            return self.dead_letters.queue_name(destination)
+        return f"{destination}.dlq"
 
     def classify_error(self, error: BaseException) -> ErrorClass:
         """``transient``, ``permanent`` or ``unknown`` (an :class:`ErrorClass`, equal to those strings)."""
@@ -125,8 +139,14 @@ class ErrorHandler:
         destination: str | None = None,
         first_failed_at: float | None = None,
         dt: DestinationTelemetry | None = None,
+        consumer_group: str | None = None,
     ) -> DeadLetterEntry | None:
-        """Write one entry under a ``send {destination}.dlq`` span; ``None`` when the DLQ is disabled."""
+        """Write one entry under a ``send {destination}.dlq`` span; ``None`` when the DLQ is disabled.
+
+        Raises :class:`~streamwarden.DeadLetterError` when the write is not confirmed. Whatever the message
+        and exception objects do (a mapping whose ``get`` raises, an exception whose ``str`` raises), the
+        entry is built from what can be read.
+        """
         if not self.settings.dlq_enabled:
             return None
         settings = self.settings
@@ -134,20 +154,16 @@ class ErrorHandler:
             dest = destination or message.destination or settings.destination
             message_id: str | None = message.id
             payload: Any = message.payload
-            headers: Mapping[str, str] = message.headers
+            headers = _text_headers(message.headers)
             delivery, source_ref = message.delivery_count, message.source_ref
         else:
             dest = destination or settings.destination
-            message_id = (
-                coerce_message_id(message.get(settings.id_field)) if isinstance(message, Mapping) else None
-            )
+            message_id, headers = _id_and_headers(message, settings.id_field)
             payload = message
-            raw_headers = message.get("headers") if isinstance(message, Mapping) else None
-            headers = raw_headers if isinstance(raw_headers, Mapping) else {}
             delivery, source_ref = 1, None
         failed_ctx = trace.get_current_span().get_span_context()
         now = time.time()
-        error_type = error_type_name(error)
+        error_type = reported_type(error)
         entry = DeadLetterEntry(
             message_id=message_id,
             destination=dest,
@@ -155,34 +171,24 @@ class ErrorHandler:
             reason=reason,
             error_type=error_type,
             error_class=str(error_class),
-            error_message=DeadLetterEntry.bound_message(str(error)),
+            error_message=error_text(error),
             attempts=attempts,
             service=settings.service_name,
-            headers=dict(headers),
-            traceback=format_traceback(error, settings.dlq_max_traceback_chars),
+            headers=headers,
+            traceback=format_traceback_safely(error, settings.dlq_max_traceback_chars),
             first_failed_at=first_failed_at if first_failed_at is not None else now,
             dead_lettered_at=now,
             delivery_count=delivery,
             source_ref=source_ref,
             trace_id=format(failed_ctx.trace_id, "032x") if failed_ctx.is_valid else None,
             span_id=format(failed_ctx.span_id, "016x") if failed_ctx.is_valid else None,
+            consumer_group=consumer_group,
         )
+        # redacted here, whatever the store does: secrets are never stored, in any store
+        entry = self.redactor.entry(entry, settings.dlq_max_traceback_chars)
         telemetry = self.telemetry
         dt = dt or telemetry.destination(dest, settings.consumer_group, n.MESSAGING_SYSTEM_DEFAULT)
-        with telemetry.tracer.start_as_current_span(
-            n.SPAN_DLQ_SEND.format(destination=dest),
-            kind=SpanKind.PRODUCER,
-            attributes={
-                n.ATTR_MESSAGING_SYSTEM: n.MESSAGING_SYSTEM_DEFAULT,
-                n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_SEND,
-                n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_SEND,
-                n.ATTR_MESSAGING_DESTINATION: f"{dest}.dlq",
-                n.ATTR_DLQ_REASON: reason,
-                n.ATTR_ERROR_TYPE: error_type,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        with telemetry.dlq_send_span(dest, self.dlq_name(dest), reason, error_type, dt.system) as span:
             try:
                 entry_id = await self.dead_letters.add(entry)
             except Exception as exc:
@@ -194,3 +200,42 @@ class ErrorHandler:
                 raise DeadLetterError(f"dead-letter write to {dest!r} failed: {exc!r}") from exc
         telemetry.on_dead_letter(dt, error_type, str(error_class), reason, entry_id)
         return entry.with_id(entry_id)
+
+
+def _text_headers(headers: Any) -> dict[str, str]:
+    """Headers as a plain ``str -> str`` dict; what cannot be read is left out, never raised."""
+    out: dict[str, str] = {}
+    try:
+        items = list(dict(headers).items())
+    except Exception:
+        return out
+    for key, value in items:
+        try:
+            out[_plain(key)] = _plain(value)
+        except Exception:
+            continue
+    return out
+
+
+def _plain(value: object) -> str:
+    """A plain ``str``: a ``str`` subclass is copied without calling its (possibly hostile) ``__str__``."""
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    return repr(value)
+
+
+def _id_and_headers(message: Any, id_field: str) -> tuple[str | None, dict[str, str]]:
+    """The id and headers of a raw message, as far as they can be read (hostile mappings included)."""
+    if not isinstance(message, Mapping):
+        return None, {}
+    try:
+        message_id = coerce_message_id(message.get(id_field))
+    except Exception:
+        message_id = None
+    try:
+        raw_headers = message.get("headers")
+    except Exception:
+        raw_headers = None
+    return message_id, _text_headers(raw_headers) if isinstance(raw_headers, Mapping) else {}

@@ -1,6 +1,6 @@
 """Envelopes: what streamwarden knows about one message besides its payload.
 
-A message is either a plain mapping (the seed's ``{"id": ..., "data": ...}``) or an :class:`Envelope`
+A message is either a plain mapping (the original module's ``{"id": ..., "data": ...}``) or an :class:`Envelope`
 built by a stream runner. Id extraction follows ``missing_id_policy``:
 
 * ``dead_letter`` (default): a message without a usable id raises
@@ -77,6 +77,15 @@ def canonical_fingerprint(value: Any) -> str:
     except UnicodeEncodeError:
         encoded = text.encode("utf-8", "surrogatepass")
     return "sha256:" + hashlib.sha256(encoded).hexdigest()
+
+
+def fingerprint_or_none(value: Any) -> str | None:
+    """:func:`canonical_fingerprint`, or ``None`` for a payload that has no canonical form (nested too
+    deep, self-referential, a ``repr`` that raises): conflict detection then skips that message."""
+    try:
+        return canonical_fingerprint(value)
+    except Exception:
+        return None
 
 
 def _normalise_keys(value: Any) -> Any:

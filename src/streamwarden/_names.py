@@ -15,6 +15,8 @@ from typing import Final
 
 # --- instrumentation scope --------------------------------------------------------------------
 INSTRUMENTATION_NAME: Final = "streamwarden"
+# The semantic-conventions version the attribute names follow (messaging, error).
+SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.27.0"
 
 # --- span names (format with the destination) --------------------------------------------------
 SPAN_PROCESS: Final = "process {destination}"
@@ -112,7 +114,7 @@ PROMETHEUS_NAMES: Final = {
     METRIC_CONSUMER_LOST: "streamwarden_consumer_lost_total",
 }
 
-# --- seed-compatible MetricsCollector counter names ------------------------------------------------
+# --- MetricsCollector counter names (the original module's) ------------------------------------------------
 COUNTER_TOTAL: Final = "total_messages"
 COUNTER_PROCESSED: Final = "messages_processed_successfully"
 COUNTER_DEDUPLICATED: Final = "messages_deduplicated"

@@ -26,7 +26,7 @@ Rules, per entry:
 
 The processor receives what the consumer received. By default (``pass_envelope=None``) that is the
 :class:`~streamwarden.Envelope` when the entry has a ``source_ref`` (it came from a stream runner, whose
-handlers take envelopes) and the entry's payload otherwise (for the seed's dict messages, the whole
+handlers take envelopes) and the entry's payload otherwise (for plain dict messages, the whole
 message); ``True`` / ``False`` force one or the other. Replays are paced by a token bucket
 (``rate_per_second``, on the injected ``clock`` and ``sleep``) and counted as
 ``streamwarden.dlq.replays{streamwarden.dlq.replay.result}``.
@@ -42,12 +42,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 
 from . import _names as n
+from ._dedup import DedupStore, RecordState
 from ._dlq import DeadLetterEntry, DeadLetterStore, OmittedPayload, ReplacingStore, entry_matches
 from ._envelope import Envelope
 from ._exceptions import CircuitOpenError
+from ._types import Outcome
 
 if TYPE_CHECKING:
     from ._layer import ProcessResult, ReliabilityLayer
@@ -220,7 +222,7 @@ class DeadLetterReplayer:
         self.layer = layer
         self.store = store
         self.bucket = TokenBucket(rate_per_second, clock=clock, sleep=sleep)
-        self._wall_clock = wall_clock  # compared with entries' dead_lettered_at (epoch seconds)
+        del wall_clock  # accepted for compatibility: the dead-letter marker no longer needs the wall clock
 
     async def select(
         self,
@@ -295,7 +297,7 @@ class DeadLetterReplayer:
                     progress(item, done, total)
                 except Exception:
                     log.exception("replay progress callback failed")
-            if item.outcome == "deferred":
+            if item.outcome == Outcome.DEFERRED:
                 report.stopped = item.detail
                 break
         return report
@@ -309,31 +311,31 @@ class DeadLetterReplayer:
         return None
 
     async def _dry_run(self, entry: DeadLetterEntry, force: bool) -> ReplayItem:
+        """What a replay would do, read-only: nothing is forgotten, claimed or run."""
         reason = self._unreplayable(entry)
         if reason is None:
-            if await self._is_completed(entry) and not force:
+            state = await self._record_state(entry)
+            if state is RecordState.COMPLETED and not force:
                 reason = "would skip: id already completed"
+            elif state is RecordState.IN_PROGRESS:
+                reason = "would skip for now: being processed by another owner"
             else:
                 reason = "would replay"
         return self._item(entry, ReplayResult.DRY_RUN, reason)
 
-    async def _is_completed(self, entry: DeadLetterEntry) -> bool:
-        """Whether the id was completed by real processing (not just marked when it was dead-lettered).
+    def _store_of(self, entry: DeadLetterEntry) -> DedupStore:
+        return self.layer.dedup_store_for(entry.destination, entry.consumer_group)
 
-        The layer completes a dead-lettered id for one lease period so that a redelivery racing the
-        acknowledgement is a duplicate. Within that window no delivery can complete the id for real
-        (every one is answered as a duplicate), so a completion then is the layer's own marker: it is
-        forgotten and the entry replayed.
+    async def _record_state(self, entry: DeadLetterEntry) -> RecordState:
+        """The dedup record of the entry's id, in the scope it was processed in.
+
+        The layer marks a dead-lettered id with its own record state (``dead_lettered``, for one lease
+        period) so a redelivery racing the acknowledgement is a duplicate; that marker is never taken for
+        a real completion, so a completion by anyone (another replayer, a redelivery after the window) is
+        always respected.
         """
         assert entry.message_id is not None
-        store = self.layer.dedup_store
-        if not await store.is_completed(entry.message_id):
-            return False
-        window = self.layer.deduplication_manager.policy.lease
-        if self._wall_clock() - entry.dead_lettered_at < window:
-            await store.forget(entry.message_id)
-            return False
-        return True
+        return await self._store_of(entry).state(entry.message_id)
 
     async def _replay_one(
         self,
@@ -345,22 +347,9 @@ class DeadLetterReplayer:
         telemetry = self.layer.telemetry
         destination = entry.destination
         links = [Link(ctx) for ctx in self._link_contexts(entry)]
-        with telemetry.tracer.start_as_current_span(
-            n.SPAN_DLQ_REPLAY.format(destination=destination),
-            kind=SpanKind.CONSUMER,
-            links=links,
-            attributes={
-                n.ATTR_MESSAGING_SYSTEM: n.MESSAGING_SYSTEM_DEFAULT,
-                n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_PROCESS,
-                n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_PROCESS,
-                n.ATTR_MESSAGING_DESTINATION: f"{destination}.dlq",
-                n.ATTR_DLQ_ENTRY_ID: entry.entry_id or "",
-            },
-            record_exception=False,
-            set_status_on_exception=True,
+        with telemetry.replay_span(
+            destination, entry.entry_id or "", entry.message_id, links, n.MESSAGING_SYSTEM_DEFAULT
         ) as span:
-            if entry.message_id and span.is_recording():
-                span.set_attribute(n.ATTR_MESSAGING_MESSAGE_ID, entry.message_id)
             item = await self._run(entry, processor, force, pass_envelope)
             if span.is_recording():
                 span.set_attribute(n.ATTR_REPLAY_RESULT, str(item.result))
@@ -392,10 +381,12 @@ class DeadLetterReplayer:
             return self._item(entry, ReplayResult.FAILED, reason)
         assert entry.message_id is not None
         assert entry.entry_id is not None
-        if await self._is_completed(entry):
-            if not force:
-                return self._item(entry, ReplayResult.SKIPPED_DUPLICATE, "id already completed; not executed")
-            await self.layer.dedup_store.forget(entry.message_id)
+        state = await self._record_state(entry)
+        if state is RecordState.COMPLETED and not force:
+            return self._item(entry, ReplayResult.SKIPPED_DUPLICATE, "id already completed; not executed")
+        if state is RecordState.COMPLETED or state is RecordState.DEAD_LETTERED:
+            # forced, or this entry's own dead-letter marker: the record keeps its fencing token
+            await self._store_of(entry).forget(entry.message_id)
         envelope = Envelope(
             id=entry.message_id,
             payload=entry.payload,
@@ -413,12 +404,12 @@ class DeadLetterReplayer:
             def call(env: Any) -> Awaitable[Any]:
                 return processor(env.payload)
 
-        result = await self.layer.process(envelope, call, destination=entry.destination)
+        result = await self.layer.process(
+            envelope, call, destination=entry.destination, group=entry.consumer_group
+        )
         return await self._settle(entry, result)
 
     async def _settle(self, entry: DeadLetterEntry, result: ProcessResult) -> ReplayItem:
-        from ._layer import Outcome
-
         assert entry.entry_id is not None
         outcome = result.outcome
         if outcome is Outcome.PROCESSED:

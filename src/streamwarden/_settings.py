@@ -12,7 +12,7 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +39,7 @@ NON_SETTINGS_VARIABLES = frozenset(
         "STREAMWARDEN_REDIS_TLS_CA_FILE",
         "STREAMWARDEN_TRACE_URL",
         "STREAMWARDEN_REPLAY_HANDLER",
+        "STREAMWARDEN_LOG_LEVEL",
     }
 )
 
@@ -54,7 +55,7 @@ def _warn_unknown_environment(fields: Mapping[str, object]) -> None:
 
 
 class ReliabilitySettings(BaseSettings):
-    """Reliability configuration; the seed's six fields keep their names and defaults.
+    """Reliability configuration; the original module's six fields keep their names and defaults.
 
     Every field can be set from the environment with the ``STREAMWARDEN_`` prefix.
     """
@@ -63,7 +64,7 @@ class ReliabilitySettings(BaseSettings):
         env_prefix="STREAMWARDEN_", frozen=True, extra="forbid", validate_default=True
     )
 
-    # --- the seed's fields ----------------------------------------------------------------------
+    # --- the original module's fields ----------------------------------------------------------------------
     max_retries: int = Field(3, ge=0, le=100, description="Retries after the first attempt.")
     backoff_factor: float = Field(2.0, ge=1.0, le=10.0, description="Exponential backoff base.")
     circuit_breaker_threshold: int = Field(5, ge=1, description="Consecutive failures that open it.")
@@ -105,6 +106,17 @@ class ReliabilitySettings(BaseSettings):
     )
     dedup_flush_interval: float = Field(0.005, gt=0, le=10, description="Deferred completion flush, s.")
     dedup_local_cache_size: int = Field(10_000, ge=0, description="Recently completed ids cached locally.")
+    dedup_scope: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description=(
+            "Dedup records are kept per scope. None: 'destination/consumer_group' (or the destination "
+            "alone without a group), so every consumer group processes every message and one id on two "
+            "streams is two messages. Set it to share records deliberately (e.g. several streams carrying "
+            "the same events)."
+        ),
+    )
     dedup_refuse_evicting_redis: bool = Field(
         False, description="Refuse to start when Redis' maxmemory-policy can evict dedup records."
     )
@@ -121,7 +133,11 @@ class ReliabilitySettings(BaseSettings):
     poison_max_deliveries: int | None = Field(
         10,
         ge=1,
-        description="A message delivered more often than this is dead-lettered as poison, unrun.",
+        description=(
+            "A message whose handler already ran this many times without success (counted in its dedup "
+            "record: crashes of its own process, and failures while the breaker stayed closed; never "
+            "deliveries that did not run it) is dead-lettered as poison, unrun. None: no limit."
+        ),
     )
 
     # --- circuit breaker ------------------------------------------------------------------------
@@ -154,7 +170,9 @@ class ReliabilitySettings(BaseSettings):
     key_prefix: str = Field("streamwarden", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     service_name: str = Field("streamwarden", min_length=1, max_length=128)
     destination: str = Field("default", min_length=1, max_length=256, description="Stream name.")
-    consumer_group: str | None = Field(None, description="Consumer group, for telemetry.")
+    consumer_group: str | None = Field(
+        None, min_length=1, description="Consumer group: telemetry and the default dedup scope."
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ReliabilitySettings:
@@ -191,6 +209,25 @@ class ReliabilitySettings(BaseSettings):
             failure_threshold=self.circuit_breaker_threshold,
             reset_timeout=float(self.circuit_breaker_timeout),
         )
+
+    def dedup_store_options(self) -> dict[str, Any]:
+        """Keyword options of the Redis dedup store these settings describe."""
+        return {
+            "defer_completions": self.dedup_defer_completions,
+            "flush_interval": self.dedup_flush_interval,
+            "local_cache_size": self.dedup_local_cache_size,
+        }
+
+    def dead_letter_store_options(self) -> dict[str, Any]:
+        """Keyword options of the dead-letter stores these settings describe."""
+        options: dict[str, Any] = {
+            "max_payload_bytes": self.dlq_max_payload_bytes,
+            "max_entries_per_destination": self.dlq_max_entries_per_destination,
+            "max_traceback_chars": self.dlq_max_traceback_chars,
+        }
+        if self.dlq_redact_patterns is not None:
+            options["redact_patterns"] = self.dlq_redact_patterns
+        return options
 
     def dedup_policy(self) -> DedupPolicy:
         """The frozen deduplication policy these settings describe."""

@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, Span, SpanKind
 
 from . import _names as n
 from ._breaker import BreakerRejection, BreakerState, BreakerTransition, CircuitBreaker
+from ._types import DedupResult, Outcome
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -62,9 +65,9 @@ def _global_tracer_provider() -> object:
 _MISSING = object()
 _PROXY_MARKER = ProxyTracerProvider()
 
-OUTCOMES = ("processed", "duplicate", "in_progress", "dead_lettered", "deferred", "failed")
+OUTCOMES = tuple(Outcome)
 # "takeover" counts NEW claims that replaced an expired lease (also counted as "new"): possible duplicates.
-DEDUP_RESULTS = ("new", "duplicate", "in_progress", "error", "conflict", "takeover")
+DEDUP_RESULTS = tuple(DedupResult)
 
 
 class Cell:
@@ -85,14 +88,18 @@ class DestinationTelemetry:
         "dedup",
         "destination",
         "duration_attrs",
+        "group",
         "metric_attrs",
         "outcomes",
         "span_attrs",
         "span_name",
+        "system",
     )
 
     def __init__(self, service: str, destination: str, group: str | None, system: str) -> None:
         self.destination = destination
+        self.group = group
+        self.system = system
         self.span_name = n.SPAN_PROCESS.format(destination=destination)
         semconv: dict[str, Any] = {
             n.ATTR_MESSAGING_SYSTEM: system,
@@ -105,8 +112,8 @@ class DestinationTelemetry:
         self.duration_attrs = {n.ATTR_SERVICE_NAME: service, **semconv}
         self.metric_attrs = {n.ATTR_SERVICE_NAME: service, n.ATTR_MESSAGING_DESTINATION: destination}
         self.consumed = Cell()
-        self.outcomes = {o: Cell() for o in OUTCOMES}
-        self.dedup = {r: Cell() for r in DEDUP_RESULTS}
+        self.outcomes: dict[str, Cell] = {o: Cell() for o in OUTCOMES}
+        self.dedup: dict[str, Cell] = {r: Cell() for r in DEDUP_RESULTS}
         self._failure_attrs: dict[str, dict[str, Any]] = {}
 
     def failure_attrs(self, error_type: str) -> dict[str, Any]:
@@ -132,11 +139,18 @@ class Telemetry:
         meter_provider: MeterProvider | None = None,
     ) -> None:
         self.service_name = service_name
-        self.tracer = trace.get_tracer(n.INSTRUMENTATION_NAME, _VERSION, tracer_provider=tracer_provider)
+        self.tracer = trace.get_tracer(
+            n.INSTRUMENTATION_NAME, _VERSION, tracer_provider=tracer_provider, schema_url=n.SCHEMA_URL
+        )
         self._tracer_provider = tracer_provider
         #: True once tracing is known to be on (read directly on the hot path; see tracing_enabled)
         self.tracing_on = False
-        meter = metrics.get_meter(n.INSTRUMENTATION_NAME, _VERSION, meter_provider=meter_provider)
+        self._meter_provider = meter_provider
+        #: True once metrics are known to be on (read directly on the hot path; see metrics_enabled)
+        self.metrics_on = False
+        meter = metrics.get_meter(
+            n.INSTRUMENTATION_NAME, _VERSION, meter_provider=meter_provider, schema_url=n.SCHEMA_URL
+        )
         self.meter = meter
         self._destinations: dict[tuple[str, str | None, str], DestinationTelemetry] = {}
         self._lock = threading.Lock()
@@ -215,6 +229,11 @@ class Telemetry:
             unit="{message}",
             description="Entries delivered to the group but not yet acknowledged.",
         )
+        self.consumer_lost = meter.create_counter(
+            n.METRIC_CONSUMER_LOST,
+            unit="{message}",
+            description="Pending stream entries deleted (trimmed) before they were processed.",
+        )
         self.invalid_messages = meter.create_counter(
             n.METRIC_INVALID_MESSAGES,
             unit="{message}",
@@ -286,7 +305,7 @@ class Telemetry:
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         for breaker in list(self._breakers):
             current = breaker.state
-            for state in BreakerState.ALL:
+            for state in BreakerState:
                 yield Observation(
                     1 if state == current else 0,
                     {**self._service_attrs, n.ATTR_BREAKER_NAME: breaker.name, n.ATTR_BREAKER_STATE: state},
@@ -308,6 +327,20 @@ class Telemetry:
         self.tracing_on = not isinstance(provider, _NOOP_TRACER_PROVIDERS)
         return self.tracing_on
 
+    def metrics_enabled(self) -> bool:
+        """Whether metrics are recorded: a meter provider was given or an SDK is installed globally.
+
+        Without one the latency histogram is a no-op; skipping it (and its two clock reads) saves
+        ~0.4 µs per message. A global provider, once set, cannot be replaced: a yes is cached for good.
+        """
+        if self.metrics_on:
+            return True
+        provider: object = self._meter_provider
+        if provider is None:
+            provider = getattr(_metrics_internal, "_METER_PROVIDER", None)
+        self.metrics_on = provider is not None and not isinstance(provider, NoOpMeterProvider)
+        return self.metrics_on
+
     def start_process_span(
         self, dt: DestinationTelemetry, message_id: str, delivery: int, headers: Mapping[str, str]
     ) -> Span:
@@ -315,9 +348,7 @@ class Telemetry:
 
         Callers on the hot path ask :meth:`tracing_enabled` first and skip this without an SDK.
         """
-        links: list[Link] | None = None
-        if headers and "traceparent" in headers:
-            links = _links_from(headers)
+        links = _links_from(headers)
         attributes = {
             **dt.span_attrs,
             n.ATTR_MESSAGING_MESSAGE_ID: message_id,
@@ -325,6 +356,50 @@ class Telemetry:
         }
         return self.tracer.start_span(
             dt.span_name, kind=SpanKind.CONSUMER, attributes=attributes, links=links
+        )
+
+    def dlq_send_span(
+        self, destination: str, dlq_name: str, reason: str, error_type: str, system: str
+    ) -> AbstractContextManager[Span]:
+        """The PRODUCER ``send {destination}.dlq`` span around a dead-letter write (current span: its
+        parent, the failed ``process`` span). ``dlq_name`` is where the entry really goes (the Redis key
+        or the Kafka topic), for ``messaging.destination.name``."""
+        return self.tracer.start_as_current_span(
+            n.SPAN_DLQ_SEND.format(destination=destination),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                n.ATTR_MESSAGING_SYSTEM: system,
+                n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_SEND,
+                n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_SEND,
+                n.ATTR_MESSAGING_DESTINATION: dlq_name,
+                n.ATTR_DLQ_REASON: reason,
+                n.ATTR_ERROR_TYPE: error_type,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+    def replay_span(
+        self, destination: str, entry_id: str, message_id: str | None, links: Sequence[Link], system: str
+    ) -> AbstractContextManager[Span]:
+        """The CONSUMER ``process {destination}.dlq`` span of one replayed dead letter, linked to the
+        failed attempt and the producer's context."""
+        attributes: dict[str, Any] = {
+            n.ATTR_MESSAGING_SYSTEM: system,
+            n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_PROCESS,
+            n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_PROCESS,
+            n.ATTR_MESSAGING_DESTINATION: f"{destination}.dlq",
+            n.ATTR_DLQ_ENTRY_ID: entry_id,
+        }
+        if message_id:
+            attributes[n.ATTR_MESSAGING_MESSAGE_ID] = message_id
+        return self.tracer.start_as_current_span(
+            n.SPAN_DLQ_REPLAY.format(destination=destination),
+            kind=SpanKind.CONSUMER,
+            links=list(links),
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=True,
         )
 
     # --- rare events ----------------------------------------------------------------------------
@@ -394,10 +469,15 @@ class Telemetry:
 
 
 def _links_from(headers: Mapping[str, str]) -> list[Link] | None:
-    from opentelemetry.propagate import extract
-
-    ctx = extract(headers)
-    parent = trace.get_current_span(ctx).get_span_context()
+    """A link to the producer's context in ``headers``; ``None`` when there is none or it is garbage
+    (a hostile or malformed ``traceparent`` never fails the message)."""
+    try:
+        if not headers or "traceparent" not in headers:
+            return None
+        ctx = propagate.extract(headers)
+        parent = trace.get_current_span(ctx).get_span_context()
+    except Exception:
+        return None
     if not parent.is_valid:
         return None
     return [Link(parent)]

@@ -63,6 +63,7 @@ def layer_on(store: RedisDedupStore, **settings: Any) -> ReliabilityLayer:
     """A layer whose dedup store is ``store`` (other stores embedded), without retries."""
     meter_provider = settings.pop("meter_provider", None)
     settings.setdefault("max_retries", 0)
+    settings.setdefault("dedup_scope", store.scope)  # the records stay where the test looks for them
     return ReliabilityLayer(
         None, ReliabilitySettings(**settings), dedup_store=store, meter_provider=meter_provider
     )

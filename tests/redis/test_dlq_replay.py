@@ -365,3 +365,97 @@ async def test_replay_right_after_dead_lettering_runs_despite_the_marker(
     assert [i.result for i in report.items] == [ReplayResult.PROCESSED]
     assert len(fixed.calls) == 1
     assert await store.count() == 0
+
+
+@pytest.mark.parametrize("backend", ["embedded-dedup", "redis-dedup"])
+async def test_a_young_real_completion_is_never_taken_for_the_marker(
+    store: RedisDeadLetterStore, otel: Otel, redis_client: redis.asyncio.Redis, backend: str
+) -> None:
+    """Two replayers of one entry, one right after the other (inside the marker window): the second sees
+    the first one's real completion and skips it; the handler runs once (it ran twice before the marker
+    became its own record state)."""
+    client = redis_client if backend == "redis-dedup" else None
+    layer = make_layer(store, otel=otel, redis_client=client)
+    assert (await layer.process({"id": "twice-1"}, Handler(fail=True))).outcome is Outcome.DEAD_LETTERED
+    (entry,) = await store.list()
+    fixed = Handler(fail=False)
+    first = await DeadLetterReplayer(layer, store, rate_per_second=None).replay(
+        fixed, entry_ids=[entry.entry_id or ""]
+    )
+    assert [i.result for i in first.items] == [ReplayResult.PROCESSED]
+    await store.add(entry)  # the same entry seen by a second replayer (e.g. read before the first deleted it)
+    (again,) = await store.list()
+    second = await DeadLetterReplayer(layer, store, rate_per_second=None).replay(
+        fixed, entry_ids=[again.entry_id or ""]
+    )
+    assert [i.result for i in second.items] == [ReplayResult.SKIPPED_DUPLICATE]
+    assert len(fixed.calls) == 1
+
+
+async def test_a_dry_run_changes_nothing(
+    store: RedisDeadLetterStore, otel: Otel, redis_client: redis.asyncio.Redis
+) -> None:
+    """A dry run reads only: the dead-letter marker survives it, so a redelivery racing the ack is still a
+    duplicate and is not dead-lettered twice (a dry run used to delete the marker)."""
+    layer = make_layer(store, otel=otel, redis_client=redis_client)
+    failing = Handler(fail=True)
+    assert (await layer.process({"id": "dry-1"}, failing)).outcome is Outcome.DEAD_LETTERED
+    report = await DeadLetterReplayer(layer, store, rate_per_second=None).replay(
+        Handler(fail=False), dry_run=True
+    )
+    assert [(i.result, i.detail) for i in report.items] == [(ReplayResult.DRY_RUN, "would replay")]
+    assert (await layer.process({"id": "dry-1"}, failing)).outcome is Outcome.DUPLICATE
+    assert len(failing.calls) == 1
+    assert await store.count() == 1
+
+
+async def test_fencing_tokens_keep_rising_through_dead_letter_replay_and_forget(
+    store: RedisDeadLetterStore, otel: Otel, redis_client: redis.asyncio.Redis
+) -> None:
+    """Every run of an id sees a higher fencing token than the one before, across dead-lettering, replay
+    and a forced forget (tokens went 1 -> 2 -> 1 before)."""
+    import streamwarden
+
+    layer = make_layer(store, otel=otel, redis_client=redis_client)
+    tokens: list[int] = []
+
+    async def record(message: Any, *, fail: bool) -> str:
+        lease = streamwarden.current_lease()
+        assert lease is not None
+        tokens.append(lease.fencing_token)
+        if fail:
+            raise ValueError("fails")
+        return "ok"
+
+    async def failing(message: Any) -> str:
+        return await record(message, fail=True)
+
+    async def fine(message: Any) -> str:
+        return await record(message, fail=False)
+
+    assert (await layer.process({"id": "fence-1"}, failing)).outcome is Outcome.DEAD_LETTERED
+    replayer = DeadLetterReplayer(layer, store, rate_per_second=None)
+    assert [i.result for i in (await replayer.replay(failing)).items] == [ReplayResult.FAILED]
+    assert [i.result for i in (await replayer.replay(fine)).items] == [ReplayResult.PROCESSED]
+    await layer.dedup_store.forget("fence-1")
+    assert (await layer.process({"id": "fence-1"}, fine)).outcome is Outcome.PROCESSED
+    assert len(tokens) == 4
+    assert tokens == sorted(set(tokens)), tokens
+
+
+async def test_replay_runs_in_the_scope_of_the_group_that_failed_it(
+    store: RedisDeadLetterStore, otel: Otel, redis_client: redis.asyncio.Redis
+) -> None:
+    """A dead letter remembers its consumer group; the replay checks and completes that group's scope,
+    not another group's (two groups on one stream each have their own records)."""
+    billing = make_layer(store, otel=otel, redis_client=redis_client, consumer_group="billing")
+    shipping = make_layer(store, otel=otel, redis_client=redis_client, consumer_group="shipping")
+    assert (await shipping.process({"id": "g-1"}, Handler(fail=False))).outcome is Outcome.PROCESSED
+    assert (await billing.process({"id": "g-1"}, Handler(fail=True))).outcome is Outcome.DEAD_LETTERED
+    (entry,) = await store.list()
+    assert entry.consumer_group == "billing"
+    fixed = Handler(fail=False)
+    report = await DeadLetterReplayer(shipping, store, rate_per_second=None).replay(fixed)
+    assert [i.result for i in report.items] == [ReplayResult.PROCESSED]  # not "already completed" by shipping
+    assert len(fixed.calls) == 1
+    assert (await billing.process({"id": "g-1"}, Handler(fail=False))).outcome is Outcome.DUPLICATE

@@ -164,13 +164,37 @@ async def test_breaker_open_defers_without_running_the_handler(make_layer: MakeL
     assert layer.circuit_breaker.state == "closed"
 
 
-async def test_breaker_opening_during_retries_defers_the_message(make_layer: MakeLayer) -> None:
-    """When the breaker opens between attempts, the next attempt is refused and the message deferred."""
+async def test_one_messages_retries_count_once_toward_the_breaker(make_layer: MakeLayer) -> None:
+    """A message whose retries all fail counts once toward the breaker: it cannot open it for everyone."""
     layer = make_layer(circuit_breaker_threshold=2, max_retries=5)
     processor = failing([ConnectionError("down")] * 6)
     result = await layer.process({"id": "m"}, processor)
+    assert result.outcome is sw.Outcome.DEAD_LETTERED
+    assert processor.calls == 6  # type: ignore[attr-defined]
+    assert layer.circuit_breaker.state == sw.BreakerState.CLOSED
+    second = await layer.process({"id": "m2"}, failing([ConnectionError("down")] * 6))
+    # a second message failing is a dependency problem: the breaker opens, its retry is refused
+    assert layer.circuit_breaker.state == sw.BreakerState.OPEN
+    assert second.outcome is sw.Outcome.DEFERRED
+    assert isinstance(second.error, sw.CircuitOpenError)
+
+
+async def test_breaker_opening_during_retries_defers_the_message(make_layer: MakeLayer) -> None:
+    """When the breaker opens between attempts (other messages failing), the next attempt is refused."""
+    layer = make_layer(circuit_breaker_threshold=2, max_retries=5)
+    calls = 0
+
+    async def processor(message: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            layer.circuit_breaker.force_open(60.0)  # as if concurrent messages had tripped it
+        raise ConnectionError("down")
+
+    result = await layer.process({"id": "m"}, processor)
     assert result.outcome is sw.Outcome.DEFERRED
-    assert processor.calls == 2  # type: ignore[attr-defined]
+    assert isinstance(result.error, sw.CircuitOpenError)
+    assert calls == 2
     assert await layer.dead_letter_store.count() == 0
 
 
@@ -250,9 +274,10 @@ async def test_handler_gets_its_lease_with_increasing_fencing_tokens(make_layer:
     assert sw.current_lease() is None
 
 
-async def test_cancellation_releases_the_claim(make_layer: MakeLayer) -> None:
-    """A cancelled processing releases the lease, so the redelivery is processed, not IN_PROGRESS."""
-    layer = make_layer()
+async def test_cancellation_after_the_handler_started_keeps_the_claim(make_layer: MakeLayer, clock: Clock) -> None:
+    """A handler cancelled mid-run may have done its effect: the claim is not given back; the redelivery
+    waits for the lease to expire and then runs as a counted takeover, never as an uncounted re-run."""
+    layer = make_layer(dedup_lease=60, processing_timeout=30)
     started = asyncio.Event()
 
     async def hang(message: Any) -> None:
@@ -264,7 +289,11 @@ async def test_cancellation_releases_the_claim(make_layer: MakeLayer) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert (await layer.process({"id": "c"}, ok)).outcome is sw.Outcome.PROCESSED
+    assert (await layer.process({"id": "c"}, ok)).outcome is sw.Outcome.IN_PROGRESS
+    clock.advance(61)
+    again = await layer.process({"id": "c"}, ok)
+    assert again.outcome is sw.Outcome.PROCESSED
+    assert layer.metrics_collector.snapshot()["dedup_takeovers"] == 1
 
 
 async def test_wrap_decorates_a_handler(make_layer: MakeLayer) -> None:
@@ -629,19 +658,33 @@ async def test_layers_of_one_service_share_instruments(otel: Otel) -> None:
     assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="processed") == 2
 
 
-async def test_poison_by_delivery_count_is_dead_lettered_unrun(make_layer: MakeLayer, otel: Otel) -> None:
-    """A message delivered more than poison_max_deliveries times goes to the DLQ as poison, not run."""
-    layer = make_layer(poison_max_deliveries=3)
-    processor = failing([])
-    fine = await layer.process(sw.Envelope(id="pm", payload={"x": 1}, delivery_count=3), processor)
-    assert fine.outcome is sw.Outcome.PROCESSED
-    result = await layer.process(sw.Envelope(id="pm2", payload={"x": 2}, delivery_count=4), processor)
+async def test_poison_counts_handler_runs_not_deliveries(make_layer: MakeLayer, otel: Otel) -> None:
+    """A message whose handler already ran poison_max_deliveries times (failing while the breaker stayed
+    closed) is dead-lettered as poison without running again; the delivery count plays no part."""
+    layer = make_layer(poison_max_deliveries=3, exhausted_transient_action="defer", max_retries=0)
+    processor = failing([ConnectionError("flaky")] * 10)
+    high_delivery = await layer.process(sw.Envelope(id="fresh", payload={}, delivery_count=50), failing([]))
+    assert high_delivery.outcome is sw.Outcome.PROCESSED  # a redelivered message is not poison by itself
+    for _ in range(3):
+        deferred = await layer.process(sw.Envelope(id="pm", payload={"x": 2}), processor)
+        assert deferred.outcome is sw.Outcome.DEFERRED
+    result = await layer.process(sw.Envelope(id="pm", payload={"x": 2}), processor)
     assert result.outcome is sw.Outcome.DEAD_LETTERED
     assert isinstance(result.error, sw.PoisonMessageError)
-    assert processor.calls == 1  # type: ignore[attr-defined]
+    assert processor.calls == 3  # type: ignore[attr-defined]
     assert result.dead_letter is not None
-    assert (result.dead_letter.reason, result.dead_letter.delivery_count) == ("poison", 4)
+    assert result.dead_letter.reason == "poison"
     assert otel.value(n.METRIC_DLQ_MESSAGES, streamwarden__dlq__reason="poison") == 1
+
+
+async def test_deliveries_refused_by_the_breaker_never_make_poison(make_layer: MakeLayer) -> None:
+    """Deferrals while the breaker is open (the handler never ran) do not count toward poison."""
+    layer = make_layer(poison_max_deliveries=2)
+    layer.circuit_breaker.force_open(60.0)
+    for _ in range(5):
+        assert (await layer.process({"id": "healthy"}, ok)).outcome is sw.Outcome.DEFERRED
+    layer.circuit_breaker.force_close()
+    assert (await layer.process({"id": "healthy"}, ok)).outcome is sw.Outcome.PROCESSED
 
 
 async def test_exhausted_transient_errors_can_be_deferred(make_layer: MakeLayer) -> None:

@@ -17,8 +17,12 @@ def test_readme_has_examples() -> None:
     assert len(BLOCKS) >= 3
 
 
-SCRIPTS = [i for i, block in enumerate(BLOCKS) if "asyncio.run(main())" in block or "async def" not in block]
 CONSUMERS = [i for i, block in enumerate(BLOCKS) if "RedisStreamConsumer(" in block]
+SCRIPTS = [
+    i
+    for i, block in enumerate(BLOCKS)
+    if i not in CONSUMERS and ("asyncio.run(main())" in block or "async def" not in block)
+]
 
 
 @pytest.mark.parametrize("index", SCRIPTS, ids=[f"block{i}" for i in SCRIPTS])
@@ -31,9 +35,11 @@ def test_readme_example_runs(index: int, tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_every_example_is_run() -> None:
-    """No README example is left untested: each is a script or the consumer example below."""
+    """No README example is left untested: each is a script or the consumer example below, and every
+    example that defines ``main`` also runs it when executed as a script."""
     assert sorted(SCRIPTS + CONSUMERS) == list(range(len(BLOCKS)))
     assert len(CONSUMERS) == 1
+    assert all("asyncio.run(main())" in block for block in BLOCKS if "async def main" in block)
 
 
 async def test_readme_consumer_example_consumes_and_stops_on_sigterm(
