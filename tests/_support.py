@@ -1,13 +1,18 @@
 """Test support shared by the suites: OpenTelemetry SDK readers, a hand-moved clock, a recording sleep,
-and ``eventually`` for conditions that other processes make true."""
+a layer builder, and the two poll-until helpers for conditions that other tasks, processes or servers
+make true (``eventually`` in async tests, ``wait_until`` for external processes in sync code).
+
+The ``otel``, ``clock`` and ``sleep`` fixtures of tests/conftest.py hand these to the tests.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -15,12 +20,26 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-__all__ = ["Clock", "Otel", "RecordingSleep", "eventually", "make_otel"]
+from streamwarden import ReliabilityLayer, ReliabilitySettings
+
+__all__ = [
+    "LAYER_OPTIONS",
+    "Clock",
+    "Otel",
+    "RecordingSleep",
+    "build_layer",
+    "eventually",
+    "make_otel",
+    "wait_until",
+]
+
+_T = TypeVar("_T")
 
 
 @dataclass
 class Otel:
-    """Providers plus helpers to read what was emitted."""
+    """Providers plus helpers to read what was emitted. Make one with :func:`make_otel` (or take the
+    ``otel`` fixture) and :meth:`shutdown` it after use."""
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
@@ -28,6 +47,7 @@ class Otel:
     reader: InMemoryMetricReader
 
     def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        """Finished spans (called ``name``)."""
         found = list(self.spans_exporter.get_finished_spans())
         return [s for s in found if name is None or s.name == name]
 
@@ -49,7 +69,7 @@ class Otel:
                         value = getattr(p, "value", None)
                         if value is None:
                             value = p.count
-                        out.append((dict(p.attributes), value))
+                        out.append((dict(p.attributes or {}), value))
         return out
 
     def value(self, metric: str, **attrs: Any) -> Any:
@@ -60,6 +80,11 @@ class Otel:
             if all(point_attrs.get(k) == v for k, v in wanted.items()):
                 total += value
         return total
+
+    def shutdown(self) -> None:
+        """Stop both providers (no background threads are left behind)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
 
 
 def make_otel() -> Otel:
@@ -97,18 +122,78 @@ class RecordingSleep:
         self.clock.advance(delay)
 
 
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Wait until ``condition()`` holds, polling; fails the test after ``timeout`` seconds.
+#: Keyword arguments of :func:`build_layer` that go to ``ReliabilityLayer`` itself, not to its settings.
+LAYER_OPTIONS = frozenset(
+    {
+        "dedup_store",
+        "dead_letter_store",
+        "classifier",
+        "breakers",
+        "on_retry",
+        "on_dead_letter",
+        "sleep",
+        "clock",
+        "messaging_system",
+    }
+)
+
+
+def build_layer(redis_client: Any = None, otel: Otel | None = None, **kwargs: Any) -> ReliabilityLayer:
+    """``ReliabilityLayer(redis_client, ReliabilitySettings(**settings), **options)`` wired to ``otel``'s
+    providers (none: the global ones). Keywords in :data:`LAYER_OPTIONS` (stores, classifier, breakers,
+    hooks, sleep, clock) go to the layer, every other keyword is a setting."""
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in LAYER_OPTIONS}
+    return ReliabilityLayer(
+        redis_client,
+        ReliabilitySettings(**kwargs),
+        tracer_provider=otel.tracer_provider if otel else None,
+        meter_provider=otel.meter_provider if otel else None,
+        **options,
+    )
+
+
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 15.0,
+    step: float = 0.01,
+    *,
+    what: str = "condition",
+) -> float:
+    """Wait until ``condition()`` (or the awaitable it returns) holds, polling every ``step`` seconds,
+    and return the seconds waited; fails the test after ``timeout`` seconds.
 
     For conditions another task, process or server makes true; never a substitute for an injected clock.
     """
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
         value = condition()
-        if not isinstance(value, bool):
+        if inspect.isawaitable(value):
             value = await value
         if value:
-            return
+            return time.monotonic() - started
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(step)
+
+
+def wait_until(probe: Callable[[], _T | None], *, timeout: float, interval: float = 0.25, what: str) -> _T:
+    """Poll ``probe`` until it returns something truthy, and return that; fail after ``timeout`` s.
+
+    Synchronous, for external processes and servers: a probe raising ``OSError`` or ``ValueError`` (not up
+    yet, or a partial answer) counts as not yet.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            result = probe()
+        except (OSError, ValueError) as exc:  # not up yet, or a partial answer
+            last_error = exc
+            result = None
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            suffix = f" (last error: {last_error!r})" if last_error else ""
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{suffix}")
+        time.sleep(interval)

@@ -1,6 +1,7 @@
-"""Shared test fixtures: real redis-server processes on free loopback ports (never the machine's 6379).
+"""Shared test fixtures: real redis-server processes on free loopback ports (never the machine's 6379),
+and the OpenTelemetry capture, hand-moved clock and recording sleep of tests/_support.py.
 
-Unit and ops suites add their own fixtures in tests/unit/conftest.py and tests/ops/conftest.py.
+Suites add their own fixtures in their conftest.py (tests/unit, tests/ops, ...).
 """
 
 from __future__ import annotations
@@ -20,6 +21,27 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from _redis_server import RedisServer  # noqa: E402
+from _support import Clock, Otel, RecordingSleep, make_otel  # noqa: E402
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    """SDK providers with in-memory span exporter and metric reader, shut down after the test."""
+    o = make_otel()
+    yield o
+    o.shutdown()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A clock the test moves by hand."""
+    return Clock()
+
+
+@pytest.fixture
+def sleep(clock: Clock) -> RecordingSleep:
+    """A sleep that records its delays and moves ``clock`` instead of waiting."""
+    return RecordingSleep(clock)
 
 
 @pytest.fixture(scope="session")

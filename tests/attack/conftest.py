@@ -2,9 +2,10 @@
 
 ``backend`` is parametrized ``embedded`` / ``redis``: ``backend.layer(**settings)`` builds
 ``ReliabilityLayer(None | redis_client, ReliabilitySettings(**settings))`` wired to the test's OpenTelemetry
-providers, hand-moved clock and recording sleep. ``backend.stored_text()`` flattens everything the
-backend stored (every embedded dead letter, or every key of the Redis server) into one string, so a test
-can look for text that must never be stored.
+providers, hand-moved clock and recording sleep (the ``otel``, ``clock`` and ``sleep`` fixtures of
+tests/conftest.py). ``backend.stored_text()`` flattens everything the backend stored (every embedded dead
+letter, or every key of the Redis server) into one string, so a test can look for text that must never be
+stored.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,9 @@ import pytest
 import redis.asyncio
 
 import streamwarden as sw
-from _support import Clock, Otel, RecordingSleep, make_otel
+from _support import Clock, Otel, RecordingSleep, build_layer
 
 _SRC_MARK = "/streamwarden/_"  # frames of the package under test (src/ or an installed copy)
-_LAYER_OPTIONS = frozenset(
-    {"dedup_store", "dead_letter_store", "classifier", "on_retry", "on_dead_letter", "breakers", "sleep"}
-)
 
 
 def raised_from(exc: BaseException) -> str:
@@ -112,17 +109,9 @@ class Backend:
 
     def layer(self, **settings: Any) -> sw.ReliabilityLayer:
         """``ReliabilityLayer(client, ReliabilitySettings(**settings))`` on this backend (jitter off)."""
-        options: dict[str, Any] = {"sleep": self.sleep}
-        options.update({k: settings.pop(k) for k in list(settings) if k in _LAYER_OPTIONS})
+        settings.setdefault("sleep", self.sleep)
         settings.setdefault("retry_jitter", False)
-        layer = sw.ReliabilityLayer(
-            self.client,
-            sw.ReliabilitySettings(**settings),
-            tracer_provider=self.otel.tracer_provider,
-            meter_provider=self.otel.meter_provider,
-            clock=self.clock,
-            **options,
-        )
+        layer = build_layer(self.client, self.otel, clock=self.clock, **settings)
         self.layers.append(layer)
         return layer
 
@@ -167,27 +156,6 @@ def telemetry_text(otel: Otel) -> str:
                 pieces.append(metric.name)
                 pieces += [dict(point.attributes or {}) for point in metric.data.data_points]
     return flatten(pieces)
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    """SDK providers with in-memory span exporter and metric reader, shut down after the test."""
-    o = make_otel()
-    yield o
-    o.tracer_provider.shutdown()
-    o.meter_provider.shutdown()
-
-
-@pytest.fixture
-def clock() -> Clock:
-    """A clock the test moves by hand."""
-    return Clock()
-
-
-@pytest.fixture
-def sleep(clock: Clock) -> RecordingSleep:
-    """A sleep that records its delays and moves ``clock`` instead of waiting."""
-    return RecordingSleep(clock)
 
 
 @pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])

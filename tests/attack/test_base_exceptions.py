@@ -25,7 +25,7 @@ import pytest
 import redis.asyncio
 
 import streamwarden as sw
-from _support import Clock, Otel, RecordingSleep, eventually, make_otel
+from _support import Clock, Otel, RecordingSleep, build_layer, eventually
 from streamwarden import _names as n
 
 T = TypeVar("T")
@@ -88,19 +88,6 @@ async def outcome_of(call: Awaitable[sw.ProcessResult]) -> sw.Outcome | str:
         return f"raised {type(exc).__name__} from {_where(exc)}"
 
 
-def _layer(client: Any, otel: Otel, **settings: Any) -> sw.ReliabilityLayer:
-    clock = Clock()
-    settings.setdefault("retry_jitter", False)
-    return sw.ReliabilityLayer(
-        client,
-        sw.ReliabilitySettings(**settings),
-        tracer_provider=otel.tracer_provider,
-        meter_provider=otel.meter_provider,
-        clock=clock,
-        sleep=RecordingSleep(clock),
-    )
-
-
 @pytest.fixture(params=["embedded", pytest.param("redis", marks=pytest.mark.redis)])
 def redis_url_or_none(request: pytest.FixtureRequest) -> str | None:
     """``None`` for the embedded stores, or the URL of the session's redis-server."""
@@ -114,11 +101,15 @@ def redis_url_or_none(request: pytest.FixtureRequest) -> str | None:
     ("make", "error_type"), [(m, t) for _, m, t in BASE_EXCEPTIONS], ids=[i for i, _, _ in BASE_EXCEPTIONS]
 )
 def test_base_exception_from_handler_is_a_permanent_failure_of_that_message(
-    redis_url_or_none: str | None, make: Callable[[], BaseException], error_type: str
+    redis_url_or_none: str | None,
+    make: Callable[[], BaseException],
+    error_type: str,
+    otel: Otel,
+    clock: Clock,
+    sleep: RecordingSleep,
 ) -> None:
     """A BaseException from the handler: that message is DEAD_LETTERED (permanent, counted), the loop and
     two concurrent messages carry on, and a redelivery is a DUPLICATE that does not run the handler again."""
-    otel = make_otel()
 
     async def scenario() -> dict[str, Any]:
         client = None if redis_url_or_none is None else redis.asyncio.Redis.from_url(redis_url_or_none)
@@ -126,7 +117,15 @@ def test_base_exception_from_handler_is_a_permanent_failure_of_that_message(
             if client is not None:
                 await client.flushall()
             # threshold 1: a counted breaker failure would open it and defer the next message
-            layer = _layer(client, otel, circuit_breaker_threshold=1, max_retries=3)
+            layer = build_layer(
+                client,
+                otel,
+                clock=clock,
+                sleep=sleep,
+                retry_jitter=False,
+                circuit_breaker_threshold=1,
+                max_retries=3,
+            )
             go, all_in = asyncio.Event(), asyncio.Event()
             calls = {"hostile": 0, "ok": 0}
 
@@ -170,31 +169,27 @@ def test_base_exception_from_handler_is_a_permanent_failure_of_that_message(
             if client is not None:
                 await client.aclose()
 
-    try:
-        seen = run_in_own_loop(scenario)
-        hostile_result, ok_1, ok_2 = seen["results"]
-        assert isinstance(hostile_result, sw.ProcessResult), f"process() raised {hostile_result!r}"
-        assert hostile_result.outcome is sw.Outcome.DEAD_LETTERED
-        assert hostile_result.attempts == 1
-        assert [r.outcome for r in (ok_1, ok_2)] == [sw.Outcome.PROCESSED, sw.Outcome.PROCESSED]
-        assert seen["redelivered"] is sw.Outcome.DUPLICATE
-        assert seen["after"] is sw.Outcome.PROCESSED
-        assert seen["calls"] == {"hostile": 1, "ok": 3}
-        assert seen["breaker"] == "closed"
-        (entry,) = seen["entries"]
-        assert (entry.message_id, entry.error_class, entry.error_type, entry.attempts) == (
-            "bx",
-            "permanent",
-            error_type,
-            1,
-        )
-        assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="dead_lettered") == 1
-        assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="processed") == 3
-        assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="duplicate") == 1
-        assert otel.value(n.METRIC_DLQ_MESSAGES, error__type=error_type) == 1
-    finally:
-        otel.tracer_provider.shutdown()
-        otel.meter_provider.shutdown()
+    seen = run_in_own_loop(scenario)
+    hostile_result, ok_1, ok_2 = seen["results"]
+    assert isinstance(hostile_result, sw.ProcessResult), f"process() raised {hostile_result!r}"
+    assert hostile_result.outcome is sw.Outcome.DEAD_LETTERED
+    assert hostile_result.attempts == 1
+    assert [r.outcome for r in (ok_1, ok_2)] == [sw.Outcome.PROCESSED, sw.Outcome.PROCESSED]
+    assert seen["redelivered"] is sw.Outcome.DUPLICATE
+    assert seen["after"] is sw.Outcome.PROCESSED
+    assert seen["calls"] == {"hostile": 1, "ok": 3}
+    assert seen["breaker"] == "closed"
+    (entry,) = seen["entries"]
+    assert (entry.message_id, entry.error_class, entry.error_type, entry.attempts) == (
+        "bx",
+        "permanent",
+        error_type,
+        1,
+    )
+    assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="dead_lettered") == 1
+    assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="processed") == 3
+    assert otel.value(n.METRIC_MESSAGES, streamwarden__outcome="duplicate") == 1
+    assert otel.value(n.METRIC_DLQ_MESSAGES, error__type=error_type) == 1
 
 
 # --- real cancellation of the calling task ----------------------------------------------------------

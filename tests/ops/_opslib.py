@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,10 +20,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from _support import wait_until
 from streamwarden import _names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +42,6 @@ COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 VENV_BIN = REPO / ".venv" / "bin"
 
 HOST = "127.0.0.1"
-
-_T = TypeVar("_T")
 
 # --- the signal contract --------------------------------------------------------------------------
 
@@ -282,24 +280,6 @@ def http_request(url: str, *, method: str = "GET", body: Any = None, timeout: fl
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read()
-
-
-def wait_until(probe: Callable[[], _T | None], *, timeout: float, interval: float = 0.25, what: str) -> _T:
-    """Poll ``probe`` until it returns something truthy, and return that; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last_error: BaseException | None = None
-    while True:
-        try:
-            result = probe()
-        except (OSError, ValueError) as exc:  # not up yet, or a partial answer
-            last_error = exc
-            result = None
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            suffix = f" (last error: {last_error!r})" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{suffix}")
-        time.sleep(interval)
 
 
 # --- processes -----------------------------------------------------------------------------------

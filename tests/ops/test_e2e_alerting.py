@@ -29,8 +29,9 @@ from _opslib import (
     metric_names,
     parse_label_values,
     promql_regex_literal,
-    wait_until,
 )
+
+from _support import wait_until
 
 pytestmark = pytest.mark.e2e
 

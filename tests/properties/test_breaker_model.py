@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from _support import Clock
 from streamwarden import (
     BreakerPolicy,
     BreakerRejection,
@@ -41,16 +42,6 @@ from streamwarden import (
 )
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
-
-
-class Clock:
-    """A clock that moves only when the machine says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass

@@ -22,7 +22,6 @@ the server's clock until it passed: no sleeping, a bounded poll.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from hypothesis.stateful import (
 )
 
 from _redis_server import RedisServer
-from _support import Clock
+from _support import Clock, eventually
 from streamwarden._dedup import ClaimResult, ClaimStatus, DedupStore, InMemoryDedupStore, Lease, RecordState
 from streamwarden._redis._dedup import RedisDedupStore
 
@@ -358,13 +357,13 @@ class RedisModel(DedupModel):
         """Poll (bounded) until the record's deadline has passed on the Redis server's clock."""
         self.virtual_now += seconds
         key = self.redis_store.key(mid)
-        deadline = time.monotonic() + 5.0
-        while True:
+
+        async def passed() -> bool:
             raw = await self.client.hget(key, "e")
             server_seconds, micros = await self.client.time()
-            if raw is None or int(raw) <= server_seconds * 1000 + micros // 1000:
-                return
-            assert time.monotonic() < deadline, f"the deadline of {key} did not pass within 5 s"
+            return raw is None or int(raw) <= server_seconds * 1000 + micros // 1000
+
+        await eventually(passed, 5.0, step=0, what=f"the deadline of {key} to pass")
 
 
 class CachedRedisModel(RedisModel):

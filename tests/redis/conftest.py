@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ if _REDIS_TESTS_DIR not in sys.path:
     sys.path.insert(0, _REDIS_TESTS_DIR)
 
 from _redis_server import RedisServer  # noqa: E402
+from _support import eventually, wait_until  # noqa: E402
 from streamwarden._redis._dedup import RedisDedupStore  # noqa: E402
 
 _HOST = "127.0.0.1"
@@ -82,13 +82,15 @@ def redis_cluster() -> Iterator[list[int]]:
         )
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
-        deadline = time.monotonic() + _CLUSTER_READY_TIMEOUT
-        while not all("cluster_state:ok" in _cluster_info(p) for p in ports):
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"cluster not ok after {_CLUSTER_READY_TIMEOUT}s: {_cluster_info(ports[0])}"
-                )
-            time.sleep(0.05)  # waiting for a condition, bounded by the deadline
+        try:
+            wait_until(
+                lambda: all("cluster_state:ok" in _cluster_info(p) for p in ports),
+                timeout=_CLUSTER_READY_TIMEOUT,
+                interval=0.05,
+                what="cluster_state:ok on every node",
+            )
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}: {_cluster_info(ports[0])}") from None
         yield ports
 
 
@@ -164,14 +166,13 @@ LeaseExpiry = Callable[..., Awaitable[None]]
 async def _wait_lease_expired(client: Any, key: str, timeout: float = 5.0) -> None:
     """Return once the lease (or dead-letter marker) recorded at ``key`` has run out on the server's
     clock (``e`` <= TIME)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def expired() -> bool:
         raw = await client.hget(key, "e")
         seconds, micros = await client.time()
-        if raw is None or int(raw) <= seconds * 1000 + micros // 1000:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"lease at {key} still live after {timeout}s")
+        return raw is None or int(raw) <= seconds * 1000 + micros // 1000
+
+    await eventually(expired, timeout, step=0, what=f"expiry of the lease at {key}")
 
 
 @pytest.fixture

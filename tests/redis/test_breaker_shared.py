@@ -8,21 +8,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio
-from _fixtures_dlq import Handler, commands_processed, make_layer, wait_until
+from _fixtures_dlq import Handler, commands_processed, make_layer
 
+from _support import Clock, eventually
 from streamwarden import BreakerPolicy, BreakerRegistry, CircuitOpenError, InMemoryDeadLetterStore, Outcome
 from streamwarden._classify import ErrorClass
 from streamwarden._redis._breaker import SharedBreakerSync, read_shared_breakers
-
-
-class Clock:
-    """A settable clock."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -131,7 +122,7 @@ async def test_layers_share_an_open_breaker_through_the_background_task(clients:
         for i in range(2):
             await layer_a.process({"id": f"a-{i}"}, failing)
         assert layer_a.circuit_breaker.state == "open"
-        delay = await wait_until(lambda: layer_b.circuit_breaker.state == "open", timeout=5.0)
+        delay = await eventually(lambda: layer_b.circuit_breaker.state == "open", timeout=5.0)
         assert sync_a.round_trips >= 2
         healthy = Handler(fail=False)
         result = await layer_b.process({"id": "b-1"}, healthy)
@@ -147,7 +138,9 @@ async def test_no_round_trip_per_message(
     layer = make_layer(InMemoryDeadLetterStore(), circuit_breaker_threshold=1000)
     sync = SharedBreakerSync(clients(), layer.breakers, poll_interval=3600.0)
     async with sync:
-        await wait_until(lambda: sync.round_trips >= 2)  # the start-up poll and the loop's first pass
+        await eventually(
+            lambda: sync.round_trips >= 2, timeout=5.0
+        )  # the start-up poll and the loop's first pass
         trips = sync.round_trips
         before = await commands_processed(redis_client)
         ok, bad = Handler(fail=False), Handler(fail=True, error=lambda: ConnectionError("x"))
@@ -171,7 +164,7 @@ async def test_redis_down_leaves_breakers_working_locally(
             server.kill()
             with caplog.at_level(logging.WARNING, logger="streamwarden.breaker"):
                 _open(registry)
-                await wait_until(lambda: "unavailable" in caplog.text)
+                await eventually(lambda: "unavailable" in caplog.text, timeout=5.0)
             with pytest.raises(CircuitOpenError):
                 registry.get("dep").admit()
     finally:

@@ -8,15 +8,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from _support import Otel, build_layer
 from streamwarden import (
     Lease,
     MissingMessageIdError,
     Outcome,
     ReliabilityLayer,
-    ReliabilitySettings,
     current_lease,
 )
 from streamwarden import _names as n
@@ -36,37 +34,11 @@ def big_payload() -> Iterator[str]:
     del payload
 
 
-@pytest.fixture
-def meter() -> Iterator[tuple[MeterProvider, InMemoryMetricReader]]:
-    """A MeterProvider with an in-memory reader, shut down after the test."""
-    reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader])
-    yield provider, reader
-    provider.shutdown()
-
-
-def dedup_checks(reader: InMemoryMetricReader, result: str) -> int:
-    """The ``streamwarden.dedup.checks`` count for ``result``."""
-    data = reader.get_metrics_data()
-    total = 0
-    for resource in data.resource_metrics if data is not None else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == n.METRIC_DEDUP_CHECKS:
-                    for point in metric.data.data_points:
-                        if point.attributes.get(n.ATTR_DEDUP_RESULT) == result:
-                            total += point.value
-    return total
-
-
-def layer_on(store: RedisDedupStore, **settings: Any) -> ReliabilityLayer:
+def layer_on(store: RedisDedupStore, otel: Otel | None = None, **settings: Any) -> ReliabilityLayer:
     """A layer whose dedup store is ``store`` (other stores embedded), without retries."""
-    meter_provider = settings.pop("meter_provider", None)
     settings.setdefault("max_retries", 0)
     settings.setdefault("dedup_scope", store.scope)  # the records stay where the test looks for them
-    return ReliabilityLayer(
-        None, ReliabilitySettings(**settings), dedup_store=store, meter_provider=meter_provider
-    )
+    return build_layer(None, otel, dedup_store=store, **settings)
 
 
 async def test_fifty_layers_process_one_message_once(
@@ -142,17 +114,16 @@ async def test_empty_id_is_rejected_before_the_store(
 async def test_hundred_megabyte_payload_with_conflict_detection(
     redis_client: redis.asyncio.Redis,
     store_factory: StoreFactory,
-    meter: tuple[MeterProvider, InMemoryMetricReader],
+    otel: Otel,
     big_payload: str,
 ) -> None:
     """A 100 MiB payload is processed once with fingerprints; its redelivery is a duplicate, a changed payload a counted conflict."""
-    provider, reader = meter
     store = store_factory(redis_client)
     first = layer_on(store, detect_payload_conflicts=True)
     again = layer_on(
         store_factory(redis_client, local_cache_size=0),
+        otel,
         detect_payload_conflicts=True,
-        meter_provider=provider,
         service_name="conflicts",
     )
     sizes: list[int] = []
@@ -166,8 +137,8 @@ async def test_hundred_megabyte_payload_with_conflict_detection(
     changed = {"id": "big", "payload": big_payload, "revision": 2}
     assert (await again.process(changed, handler)).outcome is Outcome.DUPLICATE
     assert sizes == [HUNDRED_MB]
-    assert dedup_checks(reader, "conflict") == 1
-    assert dedup_checks(reader, "duplicate") == 1
+    assert otel.value(n.METRIC_DEDUP_CHECKS, **{n.ATTR_DEDUP_RESULT: "conflict"}) == 1
+    assert otel.value(n.METRIC_DEDUP_CHECKS, **{n.ATTR_DEDUP_RESULT: "duplicate"}) == 1
     assert (
         await redis_client.memory_usage(store.key("big")) < 1024
     )  # the record holds a digest, not the payload

@@ -13,6 +13,7 @@ import redis.asyncio
 import redis.exceptions
 
 from _redis_server import RedisServer
+from _support import Clock
 from streamwarden import ClaimStatus, ConfigurationError, DedupStore
 from streamwarden._dedup import LocalDedupStore, RecordState
 from streamwarden._redis._dedup import RedisDedupStore
@@ -28,16 +29,6 @@ NEW, DUPLICATE, IN_PROGRESS, CONFLICT = (
     ClaimStatus.CONFLICT,
 )
 CACHE = pytest.mark.parametrize("cache_size", [0, 10_000], ids=["redis", "local-cache"])
-
-
-class Clock:
-    """A monotonic clock moved by hand (for the local cache; leases run on the server's clock)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def command_calls(client: redis.asyncio.Redis, command: str) -> int:
@@ -405,7 +396,7 @@ async def test_local_cache_is_ttl_aware_and_bounded(
     redis_client: redis.asyncio.Redis, store_factory: StoreFactory
 ) -> None:
     """A cache entry is dropped when the record's TTL has passed on the store clock, and the LRU keeps at most local_cache_size ids."""
-    clock = Clock()
+    clock = Clock()  # for the local cache; leases run on the server's clock
     store = store_factory(redis_client, local_cache_size=2, clock=clock)
     for mid in ("a", "b", "c"):
         lease = (await store.claim(mid, 30.0)).lease

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio
-from _fixtures_dlq import Handler, Otel, entry, make_layer
+from _fixtures_dlq import Handler, entry, make_layer
 from click.testing import CliRunner
 from opentelemetry.trace import SpanKind
 
+from _support import Clock, Otel, RecordingSleep
 from streamwarden import Envelope, InMemoryDeadLetterStore, Outcome
 from streamwarden import _names as n
 from streamwarden._cli._ops import register
@@ -24,14 +24,6 @@ from streamwarden._replay import (
     ReplayResult,
     TokenBucket,
 )
-
-
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    """SDK providers with in-memory span exporter and metric reader."""
-    providers = Otel()
-    yield providers
-    providers.shutdown()
 
 
 @pytest.fixture
@@ -259,35 +251,26 @@ async def test_replay_filters(
 
 async def test_replay_is_rate_limited_on_the_injected_clock(store: RedisDeadLetterStore, otel: Otel) -> None:
     """At 4 replays per second, five entries wait 0.25 s between each (on the fake clock)."""
-    now = [100.0]
-    delays: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        delays.append(seconds)
-        now[0] += seconds
-
+    clock = Clock(100.0)
+    sleep = RecordingSleep(clock)
     layer = make_layer(store, otel=otel)
     for i in range(5):
         await store.add(entry(message_id=f"r-{i}", payload={"id": f"r-{i}"}))
-    replayer = DeadLetterReplayer(layer, store, rate_per_second=4.0, clock=lambda: now[0], sleep=fake_sleep)
+    replayer = DeadLetterReplayer(layer, store, rate_per_second=4.0, clock=clock, sleep=sleep)
     report = await replayer.replay(Handler(fail=False))
     assert report.processed == 5
-    assert delays == pytest.approx([0.25] * 4)
+    assert sleep.delays == pytest.approx([0.25] * 4)
 
 
 async def test_token_bucket_does_not_wait_after_idle_time() -> None:
     """Time already passed counts: a slow caller is never made to wait."""
-    now = [0.0]
-    waited: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        waited.append(seconds)
-
-    bucket = TokenBucket(2.0, clock=lambda: now[0], sleep=fake_sleep)
+    clock = Clock(0.0)
+    sleep = RecordingSleep(clock)
+    bucket = TokenBucket(2.0, clock=clock, sleep=sleep)
     await bucket.acquire()
-    now[0] = 10.0
+    clock.advance(10.0)
     await bucket.acquire()
-    assert waited == []
+    assert sleep.delays == []
 
 
 async def test_open_breaker_stops_the_run(store: RedisDeadLetterStore, otel: Otel) -> None:

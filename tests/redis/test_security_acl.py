@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 import redis.asyncio
 import redis.exceptions
-from _fixtures_dlq import Handler, Otel, make_layer
+from _fixtures_dlq import Handler, make_layer
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from _redis_server import RedisServer
-from _support import eventually
+from _support import Otel, eventually
 from streamwarden import (
     BreakerPolicy,
     BreakerRegistry,
@@ -304,7 +304,7 @@ async def test_permission_errors_are_permanent_and_never_trip_the_breaker(
 
 
 async def test_dlq_write_denied_by_acl_is_not_acknowledged(
-    connect: Callable[..., redis.asyncio.Redis],
+    connect: Callable[..., redis.asyncio.Redis], otel: Otel
 ) -> None:
     """A user without write access to the DLQ keys: the layer returns FAILED (not acknowledged) and
     counts streamwarden.dlq.write_errors; nothing is written."""
@@ -313,23 +313,19 @@ async def test_dlq_write_denied_by_acl_is_not_acknowledged(
     rules = [r for r in user.rules if not r.startswith("~")]
     rules += ["~streamwarden:dlq-index", "%R~streamwarden:dlq:*"]  # may read dead letters, not write them
     await admin.execute_command("ACL", "SETUSER", "reader", *rules)
-    otel = Otel()
-    try:
-        store = RedisDeadLetterStore(connect("reader", PASSWORD))
-        layer = ReliabilityLayer(
-            None,
-            ReliabilitySettings(max_retries=0, processing_timeout=None, destination="orders"),
-            dead_letter_store=store,
-            meter_provider=otel.meter_provider,
-        )
-        result = await layer.process({"id": "denied-1"}, Handler(fail=True))
-        assert result.outcome is Outcome.FAILED
-        assert not result.should_ack
-        assert any("dead-letter write failed" in note for note in getattr(result.error, "__notes__", []))
-        errors = otel.points(n.METRIC_DLQ_WRITE_ERRORS)
-        assert [value for _, value in errors] == [1]
-        assert errors[0][0][n.ATTR_MESSAGING_DESTINATION] == "orders"
-        assert await admin.xlen("streamwarden:dlq:orders") == 0
-        assert await store.list() == []  # reading is still allowed
-    finally:
-        otel.shutdown()
+    store = RedisDeadLetterStore(connect("reader", PASSWORD))
+    layer = ReliabilityLayer(
+        None,
+        ReliabilitySettings(max_retries=0, processing_timeout=None, destination="orders"),
+        dead_letter_store=store,
+        meter_provider=otel.meter_provider,
+    )
+    result = await layer.process({"id": "denied-1"}, Handler(fail=True))
+    assert result.outcome is Outcome.FAILED
+    assert not result.should_ack
+    assert any("dead-letter write failed" in note for note in getattr(result.error, "__notes__", []))
+    errors = otel.points(n.METRIC_DLQ_WRITE_ERRORS)
+    assert [value for _, value in errors] == [1]
+    assert errors[0][0][n.ATTR_MESSAGING_DESTINATION] == "orders"
+    assert await admin.xlen("streamwarden:dlq:orders") == 0
+    assert await store.list() == []  # reading is still allowed

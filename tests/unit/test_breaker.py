@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from _support import Clock
 from streamwarden import (
     BreakerPolicy,
     BreakerRegistry,
@@ -22,20 +23,10 @@ from streamwarden import (
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 
-class Clock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_breaker(
     threshold: int = 3, reset_timeout: float = 30.0, name: str = "db"
 ) -> tuple[CircuitBreaker, Clock]:
-    clock = Clock()
+    clock = Clock(100.0)
     breaker = CircuitBreaker(
         BreakerPolicy(failure_threshold=threshold, reset_timeout=reset_timeout), name=name, clock=clock
     )
@@ -466,7 +457,7 @@ def test_registry_returns_one_breaker_per_name() -> None:
 
 def test_registry_breakers_are_independent() -> None:
     """Opening one named breaker leaves the others closed."""
-    clock = Clock()
+    clock = Clock(100.0)
     registry = BreakerRegistry(BreakerPolicy(failure_threshold=1), clock=clock)
     fail(registry.get("db"))
     assert registry.states() == {"db": OPEN}
@@ -476,7 +467,7 @@ def test_registry_breakers_are_independent() -> None:
 
 def test_registry_breakers_share_the_clock() -> None:
     """Breakers created by the registry read the registry's clock."""
-    clock = Clock()
+    clock = Clock(100.0)
     registry = BreakerRegistry(BreakerPolicy(failure_threshold=1, reset_timeout=5.0), clock=clock)
     breaker = registry.get("db")
     trip(breaker)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from _support import Clock
 from streamwarden import (
     ClaimResult,
     ClaimStatus,
@@ -23,21 +24,6 @@ NEW, DUPLICATE, IN_PROGRESS, CONFLICT = (
 )
 LEASE = 30.0
 TTL = 3600.0
-
-
-class Clock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture

@@ -274,7 +274,9 @@ async def test_handler_gets_its_lease_with_increasing_fencing_tokens(make_layer:
     assert sw.current_lease() is None
 
 
-async def test_cancellation_after_the_handler_started_keeps_the_claim(make_layer: MakeLayer, clock: Clock) -> None:
+async def test_cancellation_after_the_handler_started_keeps_the_claim(
+    make_layer: MakeLayer, clock: Clock
+) -> None:
     """A handler cancelled mid-run may have done its effect: the claim is not given back; the redelivery
     waits for the lease to expire and then runs as a counted takeover, never as an uncounted re-run."""
     layer = make_layer(dedup_lease=60, processing_timeout=30)

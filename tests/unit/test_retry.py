@@ -11,29 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tenacity import RetryCallState
 
+from _support import Clock, RecordingSleep
 from streamwarden import CircuitOpenError, ErrorClass, ErrorClassifier, Retrier, RetryDetails, RetryPolicy
-
-
-class Clock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingSleep:
-    """The ``sleep`` seam: records each delay and advances the fake clock by it, without waiting."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-        self.clock.now += delay
 
 
 class Handler:
@@ -70,7 +49,7 @@ def always(factory: Callable[[], BaseException]) -> Callable[[int], BaseExceptio
 def make_retrier(
     policy: RetryPolicy, clock: Clock | None = None, **kwargs: object
 ) -> tuple[Retrier, RecordingSleep, Clock]:
-    clock = clock or Clock()
+    clock = clock or Clock(0.0)
     sleep = RecordingSleep(clock)
     return Retrier(policy, sleep=sleep, clock=clock, **kwargs), sleep, clock  # type: ignore[arg-type]
 
@@ -428,7 +407,7 @@ async def test_no_deadline_runs_every_attempt() -> None:
 async def test_on_retry_receives_details_of_each_scheduled_retry() -> None:
     """``on_retry`` is called once per retry with attempt numbers 1..n-1, the delay, the error and its class."""
     details: list[RetryDetails] = []
-    clock = Clock()
+    clock = Clock(0.0)
     policy = RetryPolicy(max_attempts=4, initial_delay=0.25, backoff_factor=2.0, jitter=False, deadline=None)
     retrier, sleep, _ = make_retrier(policy, clock, on_retry=details.append)
     handler = Handler(lambda call: TimeoutError(f"attempt {call}"), clock=clock, duration=0.125)
