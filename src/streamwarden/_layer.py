@@ -486,7 +486,7 @@ class ReliabilityLayer:
         else:
             read = self._read(message)
             if isinstance(read, InvalidMessageError):
-                return await self._reject_invalid(message, read, dt, started)
+                return await self._reject_invalid(message, read, dt)
             env = read
             mid, headers, delivery = env.id, env.headers, env.delivery_count
         if telemetry.tracing_on or telemetry.tracing_enabled():
@@ -495,6 +495,7 @@ class ReliabilityLayer:
         else:  # no SDK: skip the API's no-op span machinery entirely
             span, token = INVALID_SPAN, None
         failure_type: str | None = None
+        handler_ran = False
         try:
             fingerprint = (
                 fingerprint_or_none(env.payload if env is not None else message)
@@ -519,14 +520,20 @@ class ReliabilityLayer:
                 if claim.attempt > self._poison_max_attempts:
                     return await self._poison(route, mid, env, headers, message, claim.attempt, lease)
             result = await self._run(route, mid, env, headers, message, processor, lease, fingerprint)
-            if result.outcome is _DEAD_LETTERED or result.outcome is _FAILED:
+            handler_ran = result.attempts > 0
+            if result.outcome is _PROCESSED:
+                if span is not INVALID_SPAN and span.is_recording():
+                    span.set_attribute(n.ATTR_OUTCOME, _PROCESSED)
+            elif result.outcome is _DEAD_LETTERED or result.outcome is _FAILED:
                 failure_type = self._mark_failed(span, result.error)
             return result
         except BaseException as exc:
             failure_type = self._mark_failed(span, exc)
             raise
         finally:
-            if timed:
+            # The latency histogram measures handler work: refusals, duplicates and messages that never
+            # ran would make an outage look fast (they take ~0 s).
+            if timed and handler_ran:
                 telemetry.duration.record(
                     time.perf_counter() - started,
                     dt.duration_attrs if failure_type is None else dt.failure_attrs(failure_type),
@@ -736,6 +743,10 @@ class ReliabilityLayer:
     ) -> ProcessResult:
         dt.outcomes[outcome].value += 1
         self._counts[_COUNTER_OF_OUTCOME[outcome]] += 1
+        if self.telemetry.tracing_on:
+            span = trace.get_current_span()
+            if span.is_recording():  # traces can be searched for deferred or dead-lettered messages
+                span.set_attribute(n.ATTR_OUTCOME, outcome)
         if (
             outcome is Outcome.DEAD_LETTERED
         ):  # messages_failed counts every failed message (as in the original module)
@@ -770,11 +781,12 @@ class ReliabilityLayer:
         dt.dedup[status].value += 1
         if status is ClaimStatus.IN_PROGRESS:
             if span.is_recording():
-                span.add_event(n.EVENT_DEDUP_IN_PROGRESS)
+                span.add_event(n.EVENT_DEDUP_IN_PROGRESS, {n.ATTR_DEDUP_RESULT: status})
             return self._finish(dt, Outcome.IN_PROGRESS, mid, error=MessageInProgressError(mid))
         if span.is_recording():
             span.add_event(
-                n.EVENT_DEDUP_CONFLICT if status is ClaimStatus.CONFLICT else n.EVENT_DEDUP_DUPLICATE
+                n.EVENT_DEDUP_CONFLICT if status is ClaimStatus.CONFLICT else n.EVENT_DEDUP_DUPLICATE,
+                {n.ATTR_DEDUP_RESULT: status},
             )
         return self._finish(dt, Outcome.DUPLICATE, mid)
 
@@ -990,7 +1002,7 @@ class ReliabilityLayer:
         return self._finish(dt, Outcome.DEAD_LETTERED, mid, error=error, attempts=attempts, entry=entry)
 
     async def _reject_invalid(
-        self, message: Any, invalid: InvalidMessageError, dt: DestinationTelemetry, started: float
+        self, message: Any, invalid: InvalidMessageError, dt: DestinationTelemetry
     ) -> ProcessResult:
         """A message that cannot be read: dead-lettered as it came (reason ``invalid_message`` or
         ``missing_id``) and counted in ``streamwarden.invalid_messages``; never run, never a crash."""
@@ -1000,7 +1012,7 @@ class ReliabilityLayer:
         span = telemetry.tracer.start_span(
             dt.span_name, kind=trace.SpanKind.CONSUMER, attributes=dt.span_attrs
         )
-        error_type = self._mark_failed(span, invalid)
+        self._mark_failed(span, invalid)
         entry: DeadLetterEntry | None = None
         try:
             with trace.use_span(span, end_on_exit=False):
@@ -1021,8 +1033,8 @@ class ReliabilityLayer:
                             invalid, f"streamwarden: dead-letter write failed: {self._describe(dlq_error)}"
                         )
         finally:
-            if started:
-                telemetry.duration.record(time.perf_counter() - started, dt.failure_attrs(error_type))
+            if span.is_recording():
+                span.set_attribute(n.ATTR_OUTCOME, Outcome.FAILED if entry is None else Outcome.DEAD_LETTERED)
             span.end()
         if entry is None:
             return self._finish(dt, Outcome.FAILED, None, error=invalid)

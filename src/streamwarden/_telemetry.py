@@ -29,6 +29,7 @@ from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, S
 
 from . import _names as n
 from ._breaker import BreakerRejection, BreakerState, BreakerTransition, CircuitBreaker
+from ._dlq import DeadLetterReason
 from ._types import DedupResult, Outcome
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ except Exception:  # pragma: no cover - running from a source tree without metad
     _VERSION = "0"
 
 _NOOP_TRACER_PROVIDERS = (ProxyTracerProvider, NoOpTracerProvider)
+_SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 _ENV_TRACER_PROVIDER = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
@@ -247,10 +249,20 @@ class Telemetry:
         found = self._destinations.get(key)
         if found is None:
             with self._lock:
-                found = self._destinations.setdefault(
-                    key, DestinationTelemetry(self.service_name, destination, group, system)
-                )
+                found = self._destinations.get(key)
+                if found is None:
+                    found = self._destinations[key] = DestinationTelemetry(
+                        self.service_name, destination, group, system
+                    )
+                    self._precreate(found)
         return found
+
+    def _precreate(self, dt: DestinationTelemetry) -> None:
+        """Export the rare-event counters of a new destination at 0 now, so the first event is a rise of
+        a known series and ``increase()`` sees it (a series born at 10 reads as no increase at all)."""
+        self.dlq_write_errors.add(0, dt.metric_attrs)
+        for reason in (DeadLetterReason.INVALID_MESSAGE, DeadLetterReason.MISSING_ID):
+            self.invalid_messages.add(0, {**dt.metric_attrs, n.ATTR_DLQ_REASON: reason})
 
     def _observe_consumed(self, options: CallbackOptions) -> Iterable[Observation]:
         for dt in list(self._destinations.values()):
@@ -274,11 +286,13 @@ class Telemetry:
             self._dlq_depth_sources.append(source)
 
     def _observe_dlq_depth(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Every source reports the whole queue of a destination (several layers, or several store objects,
+        # over one Redis stream each see all of it): the depth is the largest report, never their sum.
         totals: dict[str, int] = {}
         for source in list(self._dlq_depth_sources):
             try:
                 for dest, depth in source().items():
-                    totals[dest] = totals.get(dest, 0) + depth
+                    totals[dest] = max(totals.get(dest, 0), depth)
             except Exception:
                 log.exception("dead-letter depth source failed")
         for dest, depth in totals.items():
@@ -303,12 +317,20 @@ class Telemetry:
         return rows
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
+        # One series set per breaker name: breakers of the same name (two layers of one service in one
+        # process, each with its own registry) report the least healthy state, so a scrape never shows
+        # a name closed and open at once.
+        current_of: dict[str, BreakerState] = {}
         for breaker in list(self._breakers):
-            current = breaker.state
+            state = breaker.state
+            known = current_of.get(breaker.name)
+            if known is None or _SEVERITY[state] > _SEVERITY[known]:
+                current_of[breaker.name] = state
+        for name, current in current_of.items():
             for state in BreakerState:
                 yield Observation(
                     1 if state == current else 0,
-                    {**self._service_attrs, n.ATTR_BREAKER_NAME: breaker.name, n.ATTR_BREAKER_STATE: state},
+                    {**self._service_attrs, n.ATTR_BREAKER_NAME: name, n.ATTR_BREAKER_STATE: state},
                 )
 
     # --- spans ----------------------------------------------------------------------------------
@@ -466,6 +488,14 @@ class Telemetry:
 
         breaker.add_transition_listener(on_transition)
         breaker.add_rejection_listener(on_rejection)
+        # every transition series and the rejection series exist at 0 from the start (see _precreate)
+        self.breaker_rejections.add(0, attrs)
+        for before in BreakerState:
+            for after in BreakerState:
+                if before != after:
+                    self.breaker_transitions.add(
+                        0, {**attrs, n.ATTR_BREAKER_FROM: before, n.ATTR_BREAKER_TO: after}
+                    )
 
 
 def _links_from(headers: Mapping[str, str]) -> list[Link] | None:
