@@ -910,19 +910,29 @@ class ReliabilityLayer:
             )
         except _LeaseLost:
             assert held is not None
+            self._retries_ended(route.dt, succeeded=False)
             self._lease_lost(held, route.dt)
             return self._finish(
                 route.dt, Outcome.IN_PROGRESS, mid, error=MessageInProgressError(mid), attempts=attempts
             )
         except CircuitOpenError as rejected:
+            self._retries_ended(route.dt, succeeded=False)
             return await self._defer(route, mid, held, rejected, attempts, ran=True)
         except Exception as final:
+            self._retries_ended(route.dt, succeeded=False)
             if self._defer_exhausted and self.retrier.should_retry(final):
                 # retries ran out on an error that may pass: leave it to redelivery (and, if it keeps
                 # failing, to the poison check) instead of filling the DLQ during an outage
                 return await self._defer(route, mid, held, final, attempts, ran=True)
             return await self._fail(route, mid, env, headers, message, held, final, attempts)
+        self._retries_ended(route.dt, succeeded=True)
         return _Retried(value, attempts)
+
+    def _retries_ended(self, dt: DestinationTelemetry, *, succeeded: bool) -> None:
+        """Count how the retries of a message whose first attempt failed ended (the dashboard's
+        "succeeded after retry" against "exhausted")."""
+        result = n.RETRY_SUCCEEDED if succeeded else n.RETRY_EXHAUSTED
+        self.telemetry.retry_outcomes.add(1, {**dt.metric_attrs, n.ATTR_RETRY_RESULT: result})
 
     def _on_retry(self, dt: DestinationTelemetry, details: RetryDetails) -> None:
         self.telemetry.on_retry(dt, details.attempt, details.delay, error_type_name(details.error))

@@ -64,6 +64,7 @@ ATTR_BREAKER_TO: Final = "streamwarden.circuit_breaker.to"
 ATTR_DLQ_REASON: Final = "streamwarden.dlq.reason"
 ATTR_DLQ_ENTRY_ID: Final = "streamwarden.dlq.entry_id"
 ATTR_REPLAY_RESULT: Final = "streamwarden.dlq.replay.result"
+ATTR_RETRY_RESULT: Final = "streamwarden.retry.result"
 
 # --- attribute values ----------------------------------------------------------------------------
 MESSAGING_SYSTEM_DEFAULT: Final = "streamwarden"
@@ -71,6 +72,8 @@ MESSAGING_SYSTEM_REDIS: Final = "redis"
 OPERATION_PROCESS: Final = "process"
 OPERATION_SEND: Final = "send"
 ERROR_TYPE_OTHER: Final = "_OTHER"
+RETRY_SUCCEEDED: Final = "succeeded"  # a message that failed, was retried and then succeeded
+RETRY_EXHAUSTED: Final = "exhausted"  # retries ran out (dead-lettered or deferred) or were cut short
 
 # --- metric instruments --------------------------------------------------------------------------
 METRIC_PROCESS_DURATION: Final = "messaging.process.duration"
@@ -89,6 +92,11 @@ METRIC_INVALID_MESSAGES: Final = "streamwarden.invalid_messages"
 METRIC_CONSUMER_LAG: Final = "streamwarden.consumer.lag"
 METRIC_CONSUMER_PENDING: Final = "streamwarden.consumer.pending"
 METRIC_CONSUMER_LOST: Final = "streamwarden.consumer.lost"
+METRIC_CONSUMER_OLDEST_PENDING_AGE: Final = "streamwarden.consumer.oldest_pending_age"
+METRIC_RETRY_OUTCOMES: Final = "streamwarden.retry.outcomes"
+METRIC_BREAKER_FAILURES: Final = "streamwarden.circuit_breaker.failures"
+METRIC_BREAKER_THRESHOLD: Final = "streamwarden.circuit_breaker.threshold"
+METRIC_BREAKER_RETRY_AFTER: Final = "streamwarden.circuit_breaker.retry_after"
 
 # Histogram bucket boundaries for processing latency, in seconds (0.005 ... 10).
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -112,6 +120,11 @@ PROMETHEUS_NAMES: Final = {
     METRIC_CONSUMER_LAG: "streamwarden_consumer_lag",
     METRIC_CONSUMER_PENDING: "streamwarden_consumer_pending",
     METRIC_CONSUMER_LOST: "streamwarden_consumer_lost_total",
+    METRIC_CONSUMER_OLDEST_PENDING_AGE: "streamwarden_consumer_oldest_pending_age_seconds",
+    METRIC_RETRY_OUTCOMES: "streamwarden_retry_outcomes_total",
+    METRIC_BREAKER_FAILURES: "streamwarden_circuit_breaker_failures",
+    METRIC_BREAKER_THRESHOLD: "streamwarden_circuit_breaker_threshold",
+    METRIC_BREAKER_RETRY_AFTER: "streamwarden_circuit_breaker_retry_after_seconds",
 }
 
 # --- MetricsCollector counter names (the original module's) ------------------------------------------------

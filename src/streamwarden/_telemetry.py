@@ -189,6 +189,29 @@ class Telemetry:
         )
         # Observed at collection from each breaker's current state, so a scrape never sees a state
         # change half-applied (a -1 without its +1).
+        self.retry_outcomes = meter.create_counter(
+            n.METRIC_RETRY_OUTCOMES,
+            unit="{message}",
+            description="Messages whose first attempt failed, by how their retries ended.",
+        )
+        meter.create_observable_gauge(
+            n.METRIC_BREAKER_FAILURES,
+            callbacks=[self._observe_breaker_failures],
+            unit="{failure}",
+            description="Consecutive failures counted by each circuit breaker (it opens at the threshold).",
+        )
+        meter.create_observable_gauge(
+            n.METRIC_BREAKER_THRESHOLD,
+            callbacks=[self._observe_breaker_thresholds],
+            unit="{failure}",
+            description="Consecutive failures that open each circuit breaker.",
+        )
+        meter.create_observable_gauge(
+            n.METRIC_BREAKER_RETRY_AFTER,
+            callbacks=[self._observe_breaker_retry_after],
+            unit="s",
+            description="Seconds until an open circuit breaker lets a half-open trial through (0 unless open).",
+        )
         meter.create_observable_up_down_counter(
             n.METRIC_BREAKER_STATUS,
             callbacks=[self._observe_breakers],
@@ -261,6 +284,8 @@ class Telemetry:
         """Export the rare-event counters of a new destination at 0 now, so the first event is a rise of
         a known series and ``increase()`` sees it (a series born at 10 reads as no increase at all)."""
         self.dlq_write_errors.add(0, dt.metric_attrs)
+        for result in (n.RETRY_SUCCEEDED, n.RETRY_EXHAUSTED):
+            self.retry_outcomes.add(0, {**dt.metric_attrs, n.ATTR_RETRY_RESULT: result})
         for reason in (DeadLetterReason.INVALID_MESSAGE, DeadLetterReason.MISSING_ID):
             self.invalid_messages.add(0, {**dt.metric_attrs, n.ATTR_DLQ_REASON: reason})
 
@@ -320,18 +345,38 @@ class Telemetry:
         # One series set per breaker name: breakers of the same name (two layers of one service in one
         # process, each with its own registry) report the least healthy state, so a scrape never shows
         # a name closed and open at once.
-        current_of: dict[str, BreakerState] = {}
-        for breaker in list(self._breakers):
-            state = breaker.state
-            known = current_of.get(breaker.name)
-            if known is None or _SEVERITY[state] > _SEVERITY[known]:
-                current_of[breaker.name] = state
-        for name, current in current_of.items():
+        for name, breaker in self._breakers_by_name().items():
+            current = breaker.state
             for state in BreakerState:
                 yield Observation(
                     1 if state == current else 0,
                     {**self._service_attrs, n.ATTR_BREAKER_NAME: name, n.ATTR_BREAKER_STATE: state},
                 )
+
+    def _breakers_by_name(self) -> dict[str, CircuitBreaker]:
+        """One breaker per name: the least healthy of those sharing it (see :meth:`_observe_breakers`)."""
+        chosen: dict[str, CircuitBreaker] = {}
+        for breaker in list(self._breakers):
+            known = chosen.get(breaker.name)
+            if known is None or _SEVERITY[breaker.state] > _SEVERITY[known.state]:
+                chosen[breaker.name] = breaker
+        return chosen
+
+    def _observe_breaker_failures(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, breaker in self._breakers_by_name().items():
+            yield Observation(breaker.failure_count, {**self._service_attrs, n.ATTR_BREAKER_NAME: name})
+
+    def _observe_breaker_thresholds(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, breaker in self._breakers_by_name().items():
+            yield Observation(
+                breaker.policy.failure_threshold, {**self._service_attrs, n.ATTR_BREAKER_NAME: name}
+            )
+
+    def _observe_breaker_retry_after(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, breaker in self._breakers_by_name().items():
+            yield Observation(
+                max(breaker.retry_after(), 0.0), {**self._service_attrs, n.ATTR_BREAKER_NAME: name}
+            )
 
     # --- spans ----------------------------------------------------------------------------------
     def tracing_enabled(self) -> bool:

@@ -124,3 +124,58 @@ async def test_two_layers_of_one_service_report_one_state_per_breaker_name(
         if attrs[n.ATTR_BREAKER_NAME] == "default"
     }
     assert status == {"closed": 0, "open": 1, "half_open": 0}
+
+
+async def test_retry_outcomes_say_whether_retries_helped(
+    otel: Otel, clock: Clock, sleep: RecordingSleep
+) -> None:
+    """streamwarden.retry.outcomes counts messages whose first attempt failed: succeeded after a retry,
+    or exhausted (dead-lettered here); both series exist at 0 first."""
+    layer = layer_for(otel, clock, sleep, max_retries=1)
+    await layer.process({"id": "fine"}, ok)
+    outcomes = {attrs[n.ATTR_RETRY_RESULT]: value for attrs, value in otel.points(n.METRIC_RETRY_OUTCOMES)}
+    assert outcomes == {"succeeded": 0, "exhausted": 0}
+    calls = 0
+
+    async def flaky(message: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("blip")
+        return "ok"
+
+    assert (await layer.process({"id": "flaky"}, flaky)).outcome is sw.Outcome.PROCESSED
+    assert (await layer.process({"id": "down"}, broken)).outcome is sw.Outcome.DEAD_LETTERED  # permanent
+    assert (
+        await layer.process({"id": "gone"}, _always(ConnectionError("down")))
+    ).outcome is sw.Outcome.DEAD_LETTERED
+    outcomes = {attrs[n.ATTR_RETRY_RESULT]: value for attrs, value in otel.points(n.METRIC_RETRY_OUTCOMES)}
+    assert outcomes == {"succeeded": 1, "exhausted": 2}
+
+
+def _always(error: BaseException) -> Any:
+    async def handler(message: Any) -> str:
+        raise error
+
+    return handler
+
+
+async def test_breaker_gauges_show_failures_against_threshold_and_time_to_half_open(
+    otel: Otel, clock: Clock, sleep: RecordingSleep
+) -> None:
+    """The breaker's counted failures, its threshold and the seconds until a half-open trial are gauges,
+    so a panel can show how close it is to opening and when it will try again."""
+    layer = layer_for(
+        otel, clock, sleep, max_retries=0, circuit_breaker_threshold=3, circuit_breaker_timeout=30
+    )
+
+    def gauge(metric: str) -> Any:
+        (point,) = [v for attrs, v in otel.points(metric) if attrs[n.ATTR_BREAKER_NAME] == "default"]
+        return point
+
+    await layer.process({"id": "x1"}, _always(ConnectionError("down")))
+    assert (gauge(n.METRIC_BREAKER_FAILURES), gauge(n.METRIC_BREAKER_THRESHOLD)) == (1, 3)
+    assert gauge(n.METRIC_BREAKER_RETRY_AFTER) == 0
+    layer.circuit_breaker.force_open(30.0)
+    clock.advance(10)
+    assert gauge(n.METRIC_BREAKER_RETRY_AFTER) == pytest.approx(20.0)
