@@ -123,6 +123,9 @@ class DeadLetterEntry:
     span_id: str | None = None
     #: the consumer group that failed it (with ``destination``, the dedup scope a replay runs in)
     consumer_group: str | None = None
+    #: ``traceparent`` of every earlier failed attempt of this message (oldest first): a replay that fails
+    #: again leaves one entry, and the traces of all its failures stay reachable from it
+    earlier_traces: tuple[str, ...] = ()
     entry_id: str | None = None
 
     @property

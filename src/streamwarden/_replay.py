@@ -441,10 +441,18 @@ class DeadLetterReplayer:
         """Leave exactly one entry for a message that failed again: attempts add up."""
         assert old.entry_id is not None
         assert new.entry_id is not None
+        # One entry per message, and nothing forgotten: the service that failed it stays (the replaying
+        # command may run under another name), and every failed attempt's trace stays reachable.
+        earlier = (*old.earlier_traces, *((old.traceparent,) if old.traceparent else ()))
         merged = replace(
             new,
             attempts=old.attempts + new.attempts,
             first_failed_at=old.first_failed_at or new.first_failed_at,
+            service=old.service or new.service,
+            trace_id=new.trace_id or old.trace_id,
+            span_id=new.span_id or old.span_id,
+            earlier_traces=earlier if new.traceparent else old.earlier_traces,
+            consumer_group=old.consumer_group,
             entry_id=None,
         )
         error = f"failed again: {new.error_type}: {new.error_message}"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,9 @@ from streamwarden._replay import (
     ReplayResult,
     TokenBucket,
 )
+
+
+TESTS_REDIS = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -442,3 +447,82 @@ async def test_replay_runs_in_the_scope_of_the_group_that_failed_it(
     assert [i.result for i in report.items] == [ReplayResult.PROCESSED]  # not "already completed" by shipping
     assert len(fixed.calls) == 1
     assert (await billing.process({"id": "g-1"}, Handler(fail=False))).outcome is Outcome.DUPLICATE
+
+
+async def test_a_refailed_replay_keeps_the_service_and_every_failed_trace(
+    store: RedisDeadLetterStore, otel: Otel
+) -> None:
+    """A replay that fails again, run by a command under another service name and without tracing, keeps
+    the entry's service and trace; a traced re-failure adds its trace and keeps the earlier one."""
+    failing_service = make_layer(store, otel=otel, service_name="orders-svc")
+    assert (await failing_service.process({"id": "t-1"}, Handler(fail=True))).outcome is Outcome.DEAD_LETTERED
+    (original,) = await store.list()
+    assert original.trace_id is not None
+    assert original.service == "orders-svc"
+
+    untraced = make_layer(store)  # the default service name, no tracer provider: spans are not recorded
+    await DeadLetterReplayer(untraced, store, rate_per_second=None).replay(Handler(fail=True))
+    (merged,) = await store.list()
+    assert (merged.service, merged.trace_id, merged.span_id) == (
+        "orders-svc",
+        original.trace_id,
+        original.span_id,
+    )
+
+    await DeadLetterReplayer(failing_service, store, rate_per_second=None).replay(Handler(fail=True))
+    (again,) = await store.list()
+    assert again.trace_id not in (None, original.trace_id)
+    assert again.earlier_traces == (original.traceparent,)
+    assert again.service == "orders-svc"
+
+
+async def test_cli_replay_exports_its_spans_over_otlp(
+    store: RedisDeadLetterStore, otel: Otel, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``streamwarden dlq replay`` honours OTEL_EXPORTER_OTLP_ENDPOINT: a real OTLP/gRPC receiver on
+    loopback gets the replay span, linked to the failed attempt."""
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received: list[Any] = []
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request: Any, context: Any) -> Any:
+            received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        layer = make_layer(store, otel=otel)
+        assert (await layer.process({"id": "otlp-1"}, Handler(fail=True))).outcome is Outcome.DEAD_LETTERED
+        (entry,) = await store.list()
+        here = TESTS_REDIS
+        env = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_METRICS_EXPORTER": "none",
+            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]),
+        }
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", "from streamwarden._cli import main; main()", "dlq", "replay",
+             "--redis-url", redis_url, "--handler", "_fixtures_dlq:ok_handler", "--rate", "0"],
+            env=env,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        names = [s.name for s in received]
+        assert "process orders.dlq" in names, names
+        (replay_span,) = [s for s in received if s.name == "process orders.dlq"]
+        assert entry.trace_id is not None
+        assert [link.trace_id.hex() for link in replay_span.links][:1] == [entry.trace_id]
+    finally:
+        server.stop(None)

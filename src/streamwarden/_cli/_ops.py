@@ -50,6 +50,7 @@ from ._common import (
     non_empty,
     printable,
     redis_options,
+    start_telemetry,
 )
 
 __all__ = ["DEFAULT_TRACE_URL_TEMPLATE", "register"]
@@ -391,6 +392,12 @@ def dlq_count(redis_target: RedisTarget, destination: str | None, as_json: bool)
     "from a stream runner (they have a source ref), the payload otherwise.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--otlp-endpoint",
+    default=None,
+    callback=non_empty,
+    help="Export the replay spans over OTLP (gRPC); OTEL_EXPORTER_OTLP_ENDPOINT works too.",
+)
 @log_level_option("WARNING")
 def dlq_replay(
     redis_target: RedisTarget,
@@ -408,6 +415,7 @@ def dlq_replay(
     rate: float,
     pass_envelope: bool | None,
     as_json: bool,
+    otlp_endpoint: str | None,
 ) -> None:
     """Re-run dead letters through the reliability layer (dedup-aware, rate-limited).
 
@@ -421,6 +429,10 @@ def dlq_replay(
     if group is not None:
         overrides["consumer_group"] = group
     settings = ReliabilitySettings(**overrides)
+    # the replay spans (linked to the failed attempts) go where OTEL_* or --otlp-endpoint say
+    start_telemetry(
+        settings.service_name, otlp_endpoint=otlp_endpoint, prometheus_port=None, prometheus_host="127.0.0.1"
+    )
     console = make_console(stderr=as_json)
 
     async def work(client: Any) -> ReplayReport:

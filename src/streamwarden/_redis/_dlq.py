@@ -390,6 +390,8 @@ class RedisDeadLetterStore:
             fields += ["source_ref", encode_text(entry.source_ref)]
         if entry.consumer_group is not None:
             fields += ["consumer_group", encode_text(entry.consumer_group)]
+        if entry.earlier_traces:
+            fields += ["earlier_traces", json.dumps(list(entry.earlier_traces))]
         if entry.trace_id:
             fields += ["trace_id", encode_text(entry.trace_id)]
         if entry.span_id:
@@ -453,6 +455,7 @@ class RedisDeadLetterStore:
             delivery_count=int(field("delivery_count", "1")),
             source_ref=optional("source_ref"),
             consumer_group=optional("consumer_group"),
+            earlier_traces=_earlier_traces(optional("earlier_traces")),
             trace_id=optional("trace_id"),
             span_id=optional("span_id"),
             entry_id=f"{destination}/{stream_id}",
@@ -511,3 +514,14 @@ def _decode_payload(fields: Mapping[str, Any]) -> Any:
         size=int(as_text(fields.get("payload_size", "0"))),
         preview="" if preview is None else as_text(preview),
     )
+
+
+def _earlier_traces(raw: str | None) -> tuple[str, ...]:
+    """The ``earlier_traces`` field: a JSON list of traceparents; anything else reads as none."""
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return ()
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
