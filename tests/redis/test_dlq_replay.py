@@ -27,7 +27,6 @@ from streamwarden._replay import (
     TokenBucket,
 )
 
-
 TESTS_REDIS = Path(__file__).resolve().parent
 
 
