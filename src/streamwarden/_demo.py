@@ -41,13 +41,14 @@ import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._breaker import BreakerTransition
 from ._counters import with_rates
+from ._dlq import DeadLetterEntry
 from ._envelope import Envelope
 from ._layer import Outcome, ProcessResult, ReliabilityLayer
 from ._redis._counters import RedisCounterStore
@@ -124,6 +125,22 @@ class DemoReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     produced_ids: set[str] = field(default_factory=set)
     missing_ids: int = 0
+    #: one line per dead letter: id, reason, error type, entry id and the failed attempt's trace
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+
+    def note_dead_letters(self, entries: Iterable[DeadLetterEntry]) -> None:
+        """Keep what an operator needs to go from a dead letter to its trace (``--json`` prints it)."""
+        self.dead_letters = [
+            {
+                "message_id": entry.message_id,
+                "reason": entry.reason,
+                "error_type": entry.error_type,
+                "entry_id": entry.entry_id,
+                "trace_id": entry.trace_id,
+                "span_id": entry.span_id,
+            }
+            for entry in entries
+        ]
 
     @property
     def reconciled(self) -> bool:
@@ -146,6 +163,7 @@ class DemoReport:
             "reconciled": self.reconciled,
             "problems": self.problems,
             "metrics": self.metrics,
+            "dead_letters": self.dead_letters,
         }
 
 
@@ -430,6 +448,7 @@ class _EmbeddedRun:
         report.metrics = metrics
         if not self.config.live:
             entries = await self.layer.dead_letter_store.list(limit=report.produced + 1)
+            report.note_dead_letters(entries)
             _reconcile(report, self.broker, Counter(entry.message_id for entry in entries))
         return report
 
@@ -700,6 +719,7 @@ class _RedisRun:
         entries = await self.layers[0].dead_letter_store.list(DEMO_STREAM, limit=report.produced + 1)
         for entry in entries:
             report.dlq_reasons[entry.reason] += 1
+        report.note_dead_letters(entries)
         _reconcile_ledger(report, self.broker, Counter(entry.message_id for entry in entries))
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from click.testing import CliRunner
 
 from _support import eventually
+from streamwarden import ReliabilityLayer
 from streamwarden._cli import main
 from streamwarden._demo import ControlServer, DemoConfig, run_demo
 
@@ -148,3 +149,26 @@ def test_group_without_command_prints_its_help() -> None:
     for command in ("count", "list", "purge", "replay", "show"):
         assert command in result.output
     assert "error:" not in result.output
+
+
+async def test_demo_report_names_the_trace_of_every_dead_letter(otel: Any) -> None:
+    """The demo's report (``--json``) lists each dead letter with the trace id of its failed attempt, the
+    exported ERROR span, so an operator can go from the report to the trace."""
+    from streamwarden import ReliabilitySettings
+    from streamwarden._demo import _demo_settings
+
+    config = DemoConfig(messages=400, rate=50_000.0)
+    settings: ReliabilitySettings = _demo_settings(config)
+    layer = ReliabilityLayer(
+        None, settings, tracer_provider=otel.tracer_provider, meter_provider=otel.meter_provider
+    )
+    report = await run_demo(config, layer=layer)
+    assert report.reconciled, report.problems
+    assert report.dead_letters, "the demo workload dead-letters its poison messages"
+    error_spans = {
+        format(span.context.trace_id, "032x")
+        for span in otel.spans()
+        if span.name.startswith("process ") and not span.status.is_ok
+    }
+    for line in report.as_dict()["dead_letters"]:
+        assert line["trace_id"] in error_spans, line
