@@ -36,3 +36,45 @@ async def test_dlq_depth_of_three_layers_in_one_process_is_the_stream_length(
         if attrs[n.ATTR_MESSAGING_DESTINATION] == "orders"
     ]
     assert depths == [5]
+
+
+async def test_dlq_depth_is_exported_by_one_process_per_destination(
+    redis_client: redis.asyncio.Redis, redis_url: str
+) -> None:
+    """Two consumer processes (two telemetry pipelines, two stores) refreshing the same queue: only one
+    exports its depth, so a sum over instances equals XLEN (93 + 96 for an XLEN of 96 before); when the
+    reporter stops refreshing, the other takes over once the owner key expires."""
+    from _support import make_otel
+
+    first_otel, second_otel = make_otel(), make_otel()
+    try:
+        first = build_layer(redis_client, first_otel, max_retries=0, destination="orders", service_name="a")
+        other_client = redis.asyncio.Redis.from_url(redis_url)
+        second_store = sw.RedisDeadLetterStore(other_client, depth_owner_ttl=0.2)
+        build_layer(  # the second process's layer: its telemetry reads second_store
+            other_client, second_otel, max_retries=0, destination="orders", service_name="a",
+            dead_letter_store=second_store,
+        )  # fmt: skip
+        for i in range(3):
+            assert (await first.process({"id": f"m{i}"}, broken)).outcome is sw.Outcome.DEAD_LETTERED
+        first_store = first.dead_letter_store
+        assert isinstance(first_store, sw.RedisDeadLetterStore)
+        await first_store.refresh_depths()
+        await second_store.refresh_depths()
+
+        def reported(otel: Otel) -> list[Any]:
+            return [
+                v for a, v in otel.points(n.METRIC_DLQ_DEPTH) if a[n.ATTR_MESSAGING_DESTINATION] == "orders"
+            ]
+
+        assert (reported(first_otel), reported(second_otel)) == ([3], [])
+        await redis_client.delete(
+            first_store._depth_owner_key("orders")
+        )  # the reporter died: its key expired
+        await second_store.refresh_depths()
+        await first_store.refresh_depths()
+        assert (reported(first_otel), reported(second_otel)) == ([], [3])
+        await other_client.aclose()
+    finally:
+        first_otel.shutdown()
+        second_otel.shutdown()

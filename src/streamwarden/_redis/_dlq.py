@@ -45,6 +45,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
@@ -124,6 +125,20 @@ return {1, id, redis.call('XLEN', KEYS[1])}
 """
 
 # KEYS[1] stream. Deletes it; replies how many entries it held.
+# Claim or renew the right to report one destination's depth: KEYS[1] the owner key; ARGV = token, ttl ms.
+_DEPTH_OWNER_SCRIPT: Final = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 _PURGE_SCRIPT = """
 local n = redis.call('XLEN', KEYS[1])
 redis.call('DEL', KEYS[1])
@@ -149,6 +164,7 @@ class RedisDeadLetterStore:
         redact_header_names: Iterable[str] = DEFAULT_REDACT_HEADER_NAMES,
         max_entries_per_destination: int | None = None,
         max_traceback_chars: int = 65_536,
+        depth_owner_ttl: float = 15.0,
     ) -> None:
         if max_payload_bytes < 0:
             raise ValueError("max_payload_bytes must not be negative")
@@ -166,6 +182,12 @@ class RedisDeadLetterStore:
         self._purge = client.register_script(_PURGE_SCRIPT)
         self._registered: set[str] = set()
         self._depths: dict[str, int] = {}
+        # One exporter per destination across the fleet (see refresh_depths): this store's token, the
+        # destinations it currently reports, and whether it takes part in the election at all.
+        self._depth_token = os.urandom(8).hex()
+        self._depth_owner_ms = str(max(1, round(depth_owner_ttl * 1000)))
+        self._owned: set[str] = set()
+        self._electing = False
 
     # --- keys -----------------------------------------------------------------------------------
     def stream_key(self, destination: str) -> str:
@@ -332,28 +354,63 @@ class RedisDeadLetterStore:
             depth = int(await self.client.xlen(self.stream_key(destination)))
             self._depths[destination] = depth
             return depth
-        return sum((await self.refresh_depths()).values())
+        return sum((await self._read_depths()).values())
 
     async def destinations(self) -> builtins.list[str]:
         """Destinations that currently have entries."""
-        return sorted(d for d, n in (await self.refresh_depths()).items() if n > 0)
+        return sorted(d for d, n in (await self._read_depths()).items() if n > 0)
 
-    async def refresh_depths(self) -> dict[str, int]:
-        """Re-read the depth of every known destination (one pipelined round trip plus the index)."""
+    async def _read_depths(self, *, elect: bool = False) -> dict[str, int]:
+        """The depth of every known destination, read in one pipelined round trip (plus the index); with
+        ``elect``, also claim or renew the right to report each one (see :meth:`refresh_depths`)."""
         names = await self._known()
         if not names:
             self._depths = {}
+            if elect:
+                self._owned = set()
             return {}
+        per_name = 2 if elect else 1
         async with self.client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.xlen(self.stream_key(name))
-            lengths = await pipe.execute()
+                if elect:
+                    pipe.eval(
+                        _DEPTH_OWNER_SCRIPT,
+                        1,
+                        self._depth_owner_key(name),
+                        self._depth_token,
+                        self._depth_owner_ms,
+                    )
+            replies = await pipe.execute()
+        lengths = replies[0::per_name]
         self._depths = {name: int(n) for name, n in zip(names, lengths, strict=True)}
+        if elect:
+            mine = replies[1::per_name]
+            self._owned = {name for name, won in zip(names, mine, strict=True) if int(won) == 1}
         return dict(self._depths)
 
+    async def refresh_depths(self) -> dict[str, int]:
+        """Re-read the depth of every known destination (one pipelined round trip plus the index).
+
+        It also takes part in electing one reporter per destination for the ``streamwarden.dlq.depth``
+        gauge: the first store to claim ``{prefix}:dlq-depth-owner:{destination}`` (a key with a TTL of
+        ``depth_owner_ttl``, renewed by every refresh of its owner) reports it, the others do not, so a
+        fleet of consumers exports each queue's depth once and a ``sum`` over instances is right. When
+        the owner dies its key expires and the next refresh of another store takes over.
+        """
+        self._electing = True
+        return await self._read_depths(elect=True)
+
     def depths(self) -> dict[str, int]:
-        """Destination -> entries, from the cache (no I/O: safe in a metric callback)."""
-        return {d: n for d, n in self._depths.items() if n > 0}
+        """Destination -> entries, from the cache (no I/O: safe in a metric callback).
+
+        Once this store refreshes (a runner does, periodically), only the destinations it was elected to
+        report; before that, what it knows from its own writes.
+        """
+        return {d: n for d, n in self._depths.items() if n > 0 and (not self._electing or d in self._owned)}
+
+    def _depth_owner_key(self, destination: str) -> str:
+        return f"{self.key_prefix}:dlq-depth-owner:{safe_key_part(destination)}"
 
     async def _known(self) -> builtins.list[str]:
         names = sorted(as_text(n) for n in await self.client.hkeys(self.index_key))
