@@ -11,16 +11,23 @@ it appends ``start`` / ``effect`` / ``takeover`` lines to a per-process ledger).
 
 * every ~``--kill-every`` s a random consumer gets ``kill -9`` and is restarted (a new *incarnation*,
   with its own ``STREAMWARDEN_SERVICE_NAME`` and so its own counters hash);
+* every ~``--term-every`` s a random consumer gets SIGTERM (a graceful stop: it finishes or abandons its
+  in-flight work within its shutdown timeout) and is restarted;
+* every ~``--stop-every`` s a random consumer is frozen with SIGSTOP for ``--stop-ms`` (longer than the
+  dedup lease: the others take its work over) and resumed with SIGCONT;
 * every ~``--pause-every`` s Redis is frozen for writes with ``CLIENT PAUSE --pause-ms WRITE``;
 * the workload has ``--duplicates`` re-sent ids, ``--poison`` messages that always fail (transiently, so
-  they are deferred and redelivered until the delivery count makes them poison), ``--transient``
-  messages that fail once or twice before they succeed, and ``--permanent`` failures.
+  they are deferred and redelivered until their handler runs make them poison), ``--killers`` messages
+  that SIGKILL the consumer running them (each must end as poison after ``--poison-max`` runs, having
+  crashed only alone), ``--transient`` messages that fail once or twice before they succeed, and
+  ``--permanent`` failures. Whatever died (a kill, a killer message) is restarted by a supervisor.
 
 When every entry is acknowledged the consumers get SIGTERM (they flush their counters and exit), and
 the run is reconciled. It exits 0 only if all of these hold:
 
 1. **lost = 0**: every produced id ran to its side effect or sits in the DLQ; nothing is pending;
-2. every poison id is dead-lettered as ``poison``, every permanent failure as ``error``, no healthy id is;
+2. every poison and killer id is dead-lettered as ``poison`` (a killer after at most ``--poison-max``
+   runs), every permanent failure as ``error``, no healthy id is;
 3. duplicate executions (ids whose effect ran more than once) <= takeovers (the claims that replaced an
    expired lease, logged durably before the handler ran): every duplicate is a counted one;
 4. the counters hashes agree with the durable facts: for every incarnation that exited gracefully,
@@ -36,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -59,7 +67,6 @@ HANDLER = "_fault_handler:handle"
 STREAM = "soak"
 GROUP = "soakers"
 KEY_PREFIX = "streamwarden"
-POISON_MAX_DELIVERIES = 5
 
 # Consumer settings: short leases and claim idle times so crashes are recovered in seconds.
 SETTINGS = {
@@ -69,7 +76,6 @@ SETTINGS = {
     "STREAMWARDEN_MAX_RETRIES": "2",
     "STREAMWARDEN_RETRY_INITIAL_DELAY": "0.005",
     "STREAMWARDEN_RETRY_MAX_DELAY": "0.02",
-    "STREAMWARDEN_POISON_MAX_DELIVERIES": str(POISON_MAX_DELIVERIES),
     "STREAMWARDEN_CIRCUIT_BREAKER_THRESHOLD": "200",  # poison alone can trip it in the tail of a run
     "STREAMWARDEN_CIRCUIT_BREAKER_TIMEOUT": "2.0",
 }
@@ -148,6 +154,9 @@ class Plan:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     rng = random.Random(args.seed)
+    killer_at = set(
+        rng.sample(range(args.messages // 10, max(args.messages // 10 + 1, args.messages // 2)), args.killers)
+    )
     keyed: list[tuple[float, str, dict[str, Any]]] = []
     kinds: dict[str, str] = {}
     for i in range(args.messages):
@@ -165,6 +174,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
             payload["sleep_ms"] = round(rng.expovariate(1 / args.handler_ms), 1)
         kinds[mid] = kind
         keyed.append((float(i), mid, payload))
+        if i in killer_at:  # a message that SIGKILLs whoever runs it, right after this one
+            kid = f"k{i}"
+            kinds[kid] = "killer"
+            keyed.append((i + 0.5, kid, {"action": "crash"}))
         if rng.random() < args.duplicates:  # re-sent a little later, as a retrying producer would
             keyed.append((i + rng.uniform(1, 2000), mid, payload))
     keyed.sort(key=lambda item: item[0])
@@ -180,7 +193,9 @@ class Incarnation:
     number: int
     proc: subprocess.Popen[bytes]
     log: Path
-    killed: bool = False
+    killed: bool = False  # ended by SIGKILL (chaos or a killer message): its last counts died with it
+    frozen_until: float | None = None  # SIGSTOPped until then (loop time)
+    died_at: float | None = None  # when the supervisor noticed it was gone
 
     @property
     def service(self) -> str:
@@ -197,6 +212,7 @@ class Fleet:
 
     redis_url: str
     workdir: Path
+    poison_max: int = 5
     incarnations: list[Incarnation] = field(default_factory=list)
 
     def start(self, name: str) -> Incarnation:
@@ -204,6 +220,7 @@ class Fleet:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMWARDEN_", "OTEL_"))}
         env.update(SETTINGS)
         env.update(
+            STREAMWARDEN_POISON_MAX_DELIVERIES=str(self.poison_max),
             STREAMWARDEN_SERVICE_NAME=service_name(name, number),
             PYTHONPATH=os.pathsep.join(p for p in (str(HANDLER_DIR), env.get("PYTHONPATH", "")) if p),
             SW_FAULT_LEDGER_DIR=str(self.workdir / "ledger"),
@@ -229,13 +246,52 @@ class Fleet:
     def live(self) -> list[Incarnation]:
         return [inc for inc in self.incarnations if inc.proc.poll() is None]
 
+    def running(self) -> list[Incarnation]:
+        """Live and not frozen: the ones chaos may hit next."""
+        return [inc for inc in self.live() if inc.frozen_until is None]
+
     def kill(self, incarnation: Incarnation) -> None:
         incarnation.killed = True
         incarnation.proc.send_signal(signal.SIGKILL)
         incarnation.proc.wait(10)
 
+    def terminate(self, incarnation: Incarnation) -> None:
+        """SIGTERM: the consumer stops gracefully; the supervisor restarts it once it has exited."""
+        incarnation.proc.send_signal(signal.SIGTERM)
+
+    def freeze(self, incarnation: Incarnation, until: float) -> None:
+        incarnation.proc.send_signal(signal.SIGSTOP)
+        incarnation.frozen_until = until
+
+    def thaw(self, incarnation: Incarnation) -> None:
+        if incarnation.frozen_until is not None and incarnation.proc.poll() is None:
+            incarnation.proc.send_signal(signal.SIGCONT)
+        incarnation.frozen_until = None
+
+    def supervise(self, now: float, rng: random.Random) -> int:
+        """Resume frozen consumers whose time is up; restart consumers that are gone (after a short
+        delay, as an orchestrator would). Returns how many died of a killer message since last time."""
+        crashed = 0
+        latest: dict[str, Incarnation] = {}
+        for inc in self.incarnations:
+            latest[inc.name] = inc
+            if inc.frozen_until is not None and now >= inc.frozen_until:
+                self.thaw(inc)
+        for name, inc in latest.items():
+            if inc.proc.poll() is None:
+                continue
+            if inc.died_at is None:
+                inc.died_at = now + rng.uniform(0.1, 0.8)
+                if inc.proc.returncode == -signal.SIGKILL and not inc.killed:
+                    inc.killed = True  # a killer message took it down
+                    crashed += 1
+            elif now >= inc.died_at:
+                self.start(name)
+        return crashed
+
     def stop_all(self, timeout: float = 60.0) -> None:
         for inc in self.live():
+            self.thaw(inc)
             inc.proc.send_signal(signal.SIGTERM)
         for inc in self.incarnations:
             try:
@@ -247,6 +303,7 @@ class Fleet:
 
     def kill_all(self) -> None:
         for inc in self.live():
+            self.thaw(inc)
             inc.proc.kill()
             inc.proc.wait()
 
@@ -262,7 +319,10 @@ def _consume_command() -> list[str]:
 @dataclass
 class Chaos:
     kills: int = 0
+    terms: int = 0
+    stops: int = 0
     pauses: int = 0
+    crashes: int = 0  # consumers a killer message took down
 
 
 async def produce(
@@ -284,23 +344,36 @@ async def produce(
 async def chaos(
     client: redis.asyncio.Redis, fleet: Fleet, args: argparse.Namespace, stats: Chaos, stop: asyncio.Event
 ) -> None:
-    """Random kill -9 (and restart) of consumers; short CLIENT PAUSEs of Redis."""
+    """Random kill -9, SIGTERM and SIGSTOP/SIGCONT of consumers, short CLIENT PAUSEs of Redis, and a
+    supervisor restarting whatever died."""
     rng = random.Random(args.seed + 1)
     loop = asyncio.get_running_loop()
-    next_kill = loop.time() + rng.uniform(0.5, 1.5) * args.kill_every
-    next_pause = loop.time() + rng.uniform(0.5, 1.5) * args.pause_every
+
+    def next_at(every: float) -> float:
+        return loop.time() + rng.uniform(0.5, 1.5) * every if every > 0 else math.inf
+
+    next_kill, next_term = next_at(args.kill_every), next_at(args.term_every)
+    next_stop, next_pause = next_at(args.stop_every), next_at(args.pause_every)
     while not stop.is_set():
         now = loop.time()
-        if args.kill_every > 0 and now >= next_kill:
-            victims = fleet.live()
+        stats.crashes += fleet.supervise(now, rng)
+        victims = fleet.running()
+        if now >= next_kill:
             if victims:
-                victim = rng.choice(victims)
-                fleet.kill(victim)
+                fleet.kill(rng.choice(victims))
                 stats.kills += 1
-                await asyncio.sleep(rng.uniform(0.1, 0.8))  # the orchestrator notices, then restarts it
-                fleet.start(victim.name)
-            next_kill = loop.time() + rng.uniform(0.5, 1.5) * args.kill_every
-        if args.pause_every > 0 and now >= next_pause:
+            next_kill = next_at(args.kill_every)
+        elif now >= next_term:
+            if victims:
+                fleet.terminate(rng.choice(victims))
+                stats.terms += 1
+            next_term = next_at(args.term_every)
+        elif now >= next_stop:
+            if len(victims) > 1:  # someone must be left to take its work over
+                fleet.freeze(rng.choice(victims), now + args.stop_ms / 1000)
+                stats.stops += 1
+            next_stop = next_at(args.stop_every)
+        if now >= next_pause:
             await client.execute_command("CLIENT", "PAUSE", args.pause_ms, "WRITE")
             stats.pauses += 1
             next_pause = loop.time() + args.pause_ms / 1000 + rng.uniform(0.5, 1.5) * args.pause_every
@@ -365,7 +438,9 @@ async def gather_facts(client: redis.asyncio.Redis, workdir: Path, fleet: Fleet)
     return Facts(effects, starts, effects_by_pid, takeovers_by_pid, dlq, counters)
 
 
-def reconcile(plan: Plan, facts: Facts, fleet: Fleet, pending: int) -> tuple[dict[str, Any], list[str]]:
+def reconcile(
+    plan: Plan, facts: Facts, fleet: Fleet, pending: int, poison_max: int
+) -> tuple[dict[str, Any], list[str]]:
     """The report numbers and the list of failed checks (empty: reconciled)."""
     problems: list[str] = []
     kinds = plan.kinds
@@ -388,8 +463,10 @@ def reconcile(plan: Plan, facts: Facts, fleet: Fleet, pending: int) -> tuple[dic
         reasons_of[entry.get("message_id", "")].add(entry["reason"])
     for mid, kind in kinds.items():
         reasons = reasons_of.get(mid, set())
-        if kind == "poison" and reasons != {"poison"}:
-            problems.append(f"poison {mid} dead-lettered as {reasons or 'nothing'}")
+        if kind in ("poison", "killer") and reasons != {"poison"}:
+            problems.append(f"{kind} {mid} dead-lettered as {reasons or 'nothing'}")
+        elif kind == "killer" and facts.starts[mid] > poison_max:
+            problems.append(f"killer {mid} ran {facts.starts[mid]} times, more than {poison_max}")
         elif kind == "permanent" and reasons != {"error"}:
             problems.append(f"permanent failure {mid} dead-lettered as {reasons or 'nothing'}")
         elif kind in ("ok", "transient") and (reasons or mid not in executed):
@@ -452,7 +529,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
     with local_redis() as port:
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.asyncio.Redis.from_url(url, socket_timeout=30)
-        fleet = Fleet(url, workdir)
+        fleet = Fleet(url, workdir, poison_max=args.poison_max)
         stats = Chaos()
         stop_chaos = asyncio.Event()
         started = time.monotonic()
@@ -478,7 +555,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
                     _log(
                         f"{now - started:5.0f}s read {info.get('entries-read')}/{len(plan.entries)} "
                         f"lag {info.get('lag')} pending {info.get('pending')} "
-                        f"kills {stats.kills} pauses {stats.pauses}"
+                        f"kills {stats.kills} terms {stats.terms} stops {stats.stops} "
+                        f"crashes {stats.crashes} pauses {stats.pauses}"
                     )
                 await asyncio.sleep(0.2)
             elapsed = time.monotonic() - started
@@ -491,11 +569,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], 
             await asyncio.to_thread(fleet.stop_all)
             pending = int((await _group_info(client)).get("pending", 0))
             facts = await gather_facts(client, workdir, fleet)
-            report, problems = reconcile(plan, facts, fleet, pending)
+            report, problems = reconcile(plan, facts, fleet, pending, args.poison_max)
             report.update(
                 messages=args.messages,
                 consumers=args.consumers,
                 kills=stats.kills,
+                terms=stats.terms,
+                stops=stats.stops,
+                crashes=stats.crashes,
                 pauses=stats.pauses,
                 elapsed_s=round(elapsed, 1),
                 throughput_msgs_per_s=round(len(plan.entries) / elapsed, 1),
@@ -525,7 +606,10 @@ def print_report(report: dict[str, Any], problems: list[str]) -> None:
             "takeovers (durable log / metrics hash)",
             f"{report['takeovers_durable']} / {report['takeovers_metrics']}",
         ),
-        ("consumer kills (kill -9) / Redis pauses", f"{report['kills']} / {report['pauses']}"),
+        (
+            "kill -9 / SIGTERM / SIGSTOP / killer crashes / Redis pauses",
+            f"{report['kills']} / {report['terms']} / {report['stops']} / {report['crashes']} / {report['pauses']}",
+        ),
         ("consumer incarnations", report["incarnations"]),
         ("counts that died unflushed with killed processes", report["unflushed_by_killed_processes"]),
         ("elapsed / throughput", f"{report['elapsed_s']} s / {report['throughput_msgs_per_s']} msgs/s"),
@@ -555,7 +639,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--permanent", type=float, default=0.005, help="share failing permanently")
     parser.add_argument("--rate", type=float, default=0.0, help="produced entries/s (0: no limit)")
     parser.add_argument("--handler-ms", type=float, default=2.0, help="mean handler time, ms")
+    parser.add_argument("--killers", type=int, default=2, help="messages that SIGKILL their consumer")
+    parser.add_argument("--poison-max", type=int, default=5, help="handler runs before poison")
     parser.add_argument("--kill-every", type=float, default=5.0, help="mean s between kill -9 (0: never)")
+    parser.add_argument("--term-every", type=float, default=7.0, help="mean s between SIGTERMs (0: never)")
+    parser.add_argument("--stop-every", type=float, default=9.0, help="mean s between SIGSTOPs (0: never)")
+    parser.add_argument("--stop-ms", type=int, default=4000, help="SIGSTOP duration (past the 3 s lease)")
     parser.add_argument("--pause-every", type=float, default=8.0, help="mean s between pauses (0: never)")
     parser.add_argument("--pause-ms", type=int, default=300, help="CLIENT PAUSE duration")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")

@@ -18,10 +18,12 @@ handler's last exception is re-raised as it was.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.stop import stop_base
@@ -30,7 +32,7 @@ from tenacity.wait import wait_base, wait_exponential, wait_random_exponential
 from ._classify import ErrorClass, ErrorClassifier
 from ._exceptions import CircuitOpenError
 
-__all__ = ["Retrier", "RetryDetails", "RetryPolicy"]
+__all__ = ["Backoff", "ExponentialBackoff", "Retrier", "RetryDetails", "RetryPolicy"]
 
 T = TypeVar("T")
 
@@ -178,3 +180,74 @@ class Retrier:
                     raise error
                 return await fn()
         raise AssertionError("unreachable: tenacity stopped without an outcome")  # pragma: no cover
+
+
+# --- back-off objects (redis-py's ``backoff.py`` shape: ``reset()`` + ``compute(failures)``) -------------
+@runtime_checkable
+class Backoff(Protocol):
+    """How long to wait after the ``failures``-th consecutive failure (1 for the first).
+
+    The shape of redis-py's ``AbstractBackoff``: an object the caller owns, injectable in tests, instead
+    of a module-level ``random`` call. ``reset()`` starts a new series (after a success).
+    """
+
+    def reset(self) -> None:
+        """Forget the failures so far (stateless back-offs do nothing)."""
+
+    def compute(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (``failures >= 1``)."""
+
+
+class ExponentialBackoff:
+    """Capped exponential back-off with full jitter: a draw from ``[0, min(cap, base * 2 ** (n - 1))]``.
+
+    ``jitter=False`` returns the bound itself. ``cap_for(n)`` is the bound, for logs and tests. The draw
+    comes from ``rng`` (a ``random.Random``), so a seeded one makes the delays reproducible.
+    """
+
+    __slots__ = ("_base", "_cap", "_jitter", "_rng")
+
+    def __init__(
+        self,
+        *,
+        base: float = 0.05,
+        cap: float = 5.0,
+        jitter: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not (math.isfinite(base) and base > 0):
+            raise ValueError(f"base must be a positive number of seconds, got {base!r}")
+        if not (math.isfinite(cap) and cap >= base):
+            raise ValueError(f"cap must be a number of seconds >= base ({base!r}), got {cap!r}")
+        self._base = base
+        self._cap = cap
+        self._jitter = jitter
+        self._rng = rng if rng is not None else random.Random()
+
+    @property
+    def base(self) -> float:
+        """The bound after the first failure, s."""
+        return self._base
+
+    @property
+    def cap(self) -> float:
+        """The largest bound, s."""
+        return self._cap
+
+    def reset(self) -> None:
+        """Stateless: nothing to forget."""
+
+    def cap_for(self, failures: int) -> float:
+        """The upper bound of the delay after ``failures`` failures (saturates instead of overflowing)."""
+        exponent = max(0, failures - 1)
+        if exponent >= 64:  # 2 ** 64 times any sane base is past any cap
+            return self._cap
+        return min(self._cap, self._base * (1 << exponent))
+
+    def compute(self, failures: int) -> float:
+        """A delay in ``[0, cap_for(failures)]`` (full jitter), or the bound itself without jitter."""
+        bound = self.cap_for(failures)
+        return self._rng.uniform(0.0, bound) if self._jitter else bound
+
+    def __repr__(self) -> str:
+        return f"ExponentialBackoff(base={self._base!r}, cap={self._cap!r}, jitter={self._jitter!r})"

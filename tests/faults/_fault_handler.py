@@ -24,6 +24,9 @@ Payload (a JSON object; unknown keys are ignored)::
     {"action": "crash"}                start, SIGKILL this process (a poison pill)
     {"action": "fail_permanent"}       start, raise ValueError (classified permanent)
     {"action": "fail_transient"}       start, raise ConnectionError (transient), every time
+    {"action": "raise_system_exit"}    start, raise SystemExit(3) (likewise raise_keyboard_interrupt,
+                                       raise_cancelled: its own CancelledError, raise_base: a custom
+                                       BaseException): must fail this message only, never the process
     {"fail_transient_n": k}            the first k attempts in this process raise ConnectionError
     {"sleep_ms": n}                    sleep n ms between start and effect
     {"die_before_ack": true}           with any action, on the first delivery: die when the runner
@@ -125,6 +128,18 @@ _install_logging()
 _install_ack_trap()
 
 
+class HandlerBaseException(BaseException):
+    """A BaseException that is neither an Exception nor one of the builtin exits."""
+
+
+_RAISES: dict[str, type[BaseException]] = {
+    "raise_system_exit": SystemExit,
+    "raise_keyboard_interrupt": KeyboardInterrupt,
+    "raise_cancelled": asyncio.CancelledError,
+    "raise_base": HandlerBaseException,
+}
+
+
 async def _wait_for(marker: str) -> None:
     path = _CTRL_DIR / marker
     while not path.exists():  # noqa: ASYNC110 - a marker file written by another process
@@ -151,6 +166,8 @@ async def handle(env: streamwarden.Envelope) -> str:
         raise ConnectionError("downstream outage (marker file)")
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action in _RAISES:
+        raise _RAISES[action](f"{action} from the handler of {env.id}")
     if action == "fail_permanent":
         raise ValueError(f"malformed order {env.id}")
     if action == "fail_transient" or attempt <= int(payload.get("fail_transient_n", 0)):

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,6 +86,7 @@ class ConsumerProcess:
     stderr_path: Path
     prometheus_port: int | None = None
     stopped: bool = False
+    health_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -132,6 +134,18 @@ class ConsumerProcess:
         stats: dict[str, Any] = {k: int(v) for k, v in zip(keys, found.groups()[:5], strict=True)}
         stats["outcomes"] = ast.literal_eval(found.group(6))  # the CLI prints a dict repr
         return stats
+
+    def readyz(self) -> int:
+        """The status code of this consumer's ``/readyz`` (0 when it does not answer)."""
+        assert self.health_port is not None, "spawned without health=True"
+        url = f"http://127.0.0.1:{self.health_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+        except OSError:
+            return 0
 
     def scrape(self, metric: str) -> float:
         """Sum of every sample of ``metric`` on this consumer's Prometheus ``/metrics`` (0 when absent)."""
@@ -183,9 +197,39 @@ class Ledger:
         """Executions beyond the first of each id (side effects that happened twice or more)."""
         return sum(n - 1 for n in self.effect_counts().values())
 
-    def takeovers(self) -> int:
+    def takeovers(self, message_id: str | None = None) -> int:
         """Takeovers the consumers logged (durable: written before the handler ran)."""
-        return len(self.of("takeover"))
+        return len(self.of("takeover", message_id))
+
+    def duplicate_invocations(self) -> int:
+        """Handler entries beyond the first of each id (effect or not)."""
+        return sum(n - 1 for n in Counter(r["id"] for r in self.starts()).values())
+
+    def runs(self) -> list[tuple[str, int, float, float]]:
+        """Completed executions ``(id, pid, start t, effect t)``: a start paired with the effect of the
+        same process and lease (fencing token)."""
+        begun: dict[tuple[str, int, Any], float] = {}
+        out: list[tuple[str, int, float, float]] = []
+        for record in self.records:
+            key = (record["id"], record["pid"], record.get("fence"))
+            if record["phase"] == "start":
+                begun[key] = record["t"]
+            elif record["phase"] == "effect" and key in begun:
+                out.append((record["id"], record["pid"], begun.pop(key), record["t"]))
+        return out
+
+    def overlapping_runs(self) -> list[tuple[str, int, int]]:
+        """``(id, pid, pid)`` for every two executions of one id by two processes that overlapped in time."""
+        by_id: dict[str, list[tuple[int, float, float]]] = {}
+        for mid, pid, began, ended in self.runs():
+            by_id.setdefault(mid, []).append((pid, began, ended))
+        found = []
+        for mid, runs in by_id.items():
+            for i, (pid_a, start_a, end_a) in enumerate(runs):
+                for pid_b, start_b, end_b in runs[i + 1 :]:
+                    if pid_a != pid_b and start_a < end_b and start_b < end_a:
+                        found.append((mid, pid_a, pid_b))
+        return found
 
 
 # --- the rig ----------------------------------------------------------------------------------------
@@ -215,6 +259,7 @@ class FaultRig:
         settings: Mapping[str, str] | None = None,
         url: str | None = None,
         prometheus: bool = False,
+        health: bool = False,
         **options: Any,
     ) -> ConsumerProcess:
         """Start ``streamwarden consume`` as consumer ``name``; ``options`` are CLI options (snake_case)."""
@@ -238,18 +283,25 @@ class FaultRig:
             "--handler", HANDLER,
         ]  # fmt: skip
         for key, value in merged.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
-        port = None
+            flag = f"--{key.replace('_', '-')}"
+            if value is True:
+                argv.append(flag)
+            elif value is not False:
+                argv += [flag, str(value)]
+        port = health_port = None
         if prometheus:
             port = free_port()
             argv += ["--prometheus-port", str(port)]
+        if health:
+            health_port = free_port()
+            argv += ["--health-port", str(health_port)]
         incarnation = sum(1 for c in self.consumers if c.name == name)
         stderr_path = self.log_dir / f"{name}.{incarnation}.stderr"
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=FAULTS_DIR
             )
-        consumer = ConsumerProcess(name, proc, stderr_path, port)
+        consumer = ConsumerProcess(name, proc, stderr_path, port, health_port=health_port)
         self.consumers.append(consumer)
         return consumer
 
@@ -324,8 +376,8 @@ class FaultRig:
         last = _order(_text(info["last-delivered-id"]))
         pending = {p["entry"] for p in await self.pending()}
         entries = await self.client.xrange(self.stream, "-", "+")
-        return {
-            _text(fields[b"id"])
+        return {  # the message id is the id field, or the entry id without one (as the consumer reads it)
+            _text(fields.get(b"id") or entry_id)
             for entry_id, fields in entries
             if _order(_text(entry_id)) <= last and _text(entry_id) not in pending
         }
@@ -367,11 +419,14 @@ class FaultRig:
         return Counter({_text(k): int(v) for k, v in raw.items()})
 
     async def dedup_record(self, message_id: str) -> dict[str, str]:
-        """The Redis dedup record of ``message_id`` (``s`` state, ``f`` fencing token, ``e`` deadline ms)."""
+        """The Redis dedup record of ``message_id`` (``s`` state, ``f`` fencing token, ``e`` deadline ms,
+        ``a`` handler runs), in whatever scope it lives (the consumers use ``{stream}/{group}``)."""
         import hashlib
 
-        key = f"{KEY_PREFIX}:dedup:default:{hashlib.sha256(message_id.encode()).hexdigest()}"
-        return {_text(k): _text(v) for k, v in (await self.client.hgetall(key)).items()}
+        digest = hashlib.sha256(message_id.encode()).hexdigest()
+        keys = [k async for k in self.client.scan_iter(match=f"{KEY_PREFIX}:dedup:*:{digest}", count=1000)]
+        assert len(keys) == 1, f"expected one dedup record of {message_id!r}, found {keys}"
+        return {_text(k): _text(v) for k, v in (await self.client.hgetall(keys[0])).items()}
 
     async def lost(self, message_ids: Iterable[str]) -> set[str]:
         """Ids that neither ran to their effect nor reached the DLQ."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,6 +15,8 @@ import redis.asyncio
 import streamwarden as sw
 from _support import Otel, eventually
 from streamwarden import _names as n
+from streamwarden._dedup import RecordState
+from streamwarden._redis._wire import as_text
 from streamwarden._runners._redis_streams import RedisStreamConsumer, StreamProducer
 
 MakeLayer = Callable[..., sw.ReliabilityLayer]
@@ -155,15 +158,18 @@ async def test_entries_of_a_dead_consumer_are_reclaimed(
     assert await pending(client, stream) == 0
 
 
-async def test_poison_by_delivery_count_from_the_pending_list(
+async def test_stream_delivery_counts_do_not_make_poison(
     client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
 ) -> None:
-    """An entry delivered more than poison_max_deliveries times is dead-lettered as poison, unrun."""
+    """An entry the stream delivered 5 times but whose handler never ran is run, not dead-lettered as poison.
+
+    Before issue 9 poison was read from the stream's delivery count: this entry went to the DLQ unrun.
+    """
     producer = StreamProducer(client, stream)
-    entry_id = await producer.send({"n": 1}, message_id="poison")
+    entry_id = await producer.send({"n": 1}, message_id="healthy")
     await client.xgroup_create(stream, "g", id="0")
     await client.xreadgroup("g", "dead", {stream: ">"}, count=1)
-    for _ in range(3):  # three more crashed deliveries
+    for _ in range(4):  # four more deliveries lost to crashes, an outage, ...
         await client.xclaim(stream, "g", "dead", min_idle_time=0, message_ids=[entry_id])
     runs = 0
 
@@ -175,9 +181,35 @@ async def test_poison_by_delivery_count_from_the_pending_list(
     consumer = make_consumer(client, stream, layer, handler, claim_idle_ms=0)
     async with running(consumer):
         await eventually(lambda: consumer.stats.acked == 1)
-    assert runs == 0
+    assert runs == 1
+    assert consumer.stats.outcomes == {"processed": 1}
+    assert await layer.dead_letter_store.count() == 0
+
+
+async def test_poison_is_counted_from_handler_runs(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
+) -> None:
+    """A message failing on every run is dead-lettered as poison after poison_max_deliveries runs, unrun."""
+    runs = 0
+
+    async def handler(env: sw.Envelope) -> None:
+        nonlocal runs
+        runs += 1
+        raise ConnectionError("always")
+
+    layer = make_layer(
+        poison_max_deliveries=3,
+        max_retries=0,
+        exhausted_transient_action="defer",
+        circuit_breaker_threshold=100,
+    )
+    await StreamProducer(client, stream).send({}, message_id="bad")
+    consumer = make_consumer(client, stream, layer, handler, claim_idle_ms=0)
+    async with running(consumer):
+        await eventually(lambda: consumer.stats.acked == 1)
+    assert runs == 3
     (entry,) = await layer.dead_letter_store.list()
-    assert (entry.reason, entry.delivery_count) == ("poison", 5)
+    assert (entry.message_id, entry.reason, entry.attempts) == ("bad", "poison", 0)
 
 
 async def test_trimmed_pending_entries_are_counted_as_lost(
@@ -278,7 +310,8 @@ async def test_trace_context_links_consumer_to_producer(
 async def test_stop_mid_batch_acknowledges_nothing_unprocessed(
     client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
 ) -> None:
-    """stop() with handlers still running: exits within the deadline, the unfinished entries stay pending."""
+    """stop() with handlers still running: exits within the deadline, the unfinished entries stay pending
+    and keep their claims (the lease expires; a redelivery is a counted takeover, never uncounted)."""
     started = asyncio.Event()
     count = 0
 
@@ -300,14 +333,14 @@ async def test_stop_mid_batch_acknowledges_nothing_unprocessed(
     consumer.stop()
     await asyncio.wait_for(task, timeout=5)
     assert await pending(client, stream) == 4
-    # and the abandoned ids were released: another consumer can take them over at once
-    assert not await layer.deduplication_manager.is_duplicate("s5")
+    store = layer.dedup_store_for(stream)
+    assert {await store.state(f"s{i}") for i in range(2, 6)} == {RecordState.IN_PROGRESS}
 
 
 async def test_health_reports_readiness(
     client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
 ) -> None:
-    """health(): ready with a closed breaker and reachable stores; not ready once the breaker is open."""
+    """health(): not ready before run(); ready while consuming; not ready once the breaker is open."""
 
     async def handler(env: sw.Envelope) -> None:
         raise ConnectionError("down")
@@ -315,17 +348,23 @@ async def test_health_reports_readiness(
     layer = make_layer(circuit_breaker_threshold=1, max_retries=0, circuit_breaker_timeout=60)
     consumer = make_consumer(client, stream, layer, handler)
     await consumer.ensure_group()
-    healthy = await consumer.health()
-    assert healthy.ready
-    assert healthy.redis_ok
-    await StreamProducer(client, stream).send({}, message_id="h")
+    idle = await consumer.health()
+    assert not idle.ready
+    assert idle.redis_ok
     async with running(consumer):
+        await eventually(lambda: _ready(consumer))
+        await StreamProducer(client, stream).send({}, message_id="h")
         await eventually(lambda: layer.circuit_breaker.state == "open")
-    unhealthy = await consumer.health()
-    assert not unhealthy.ready
-    assert "circuit breaker open" in unhealthy.reason
-    assert unhealthy.dlq_depth == 1  # max_retries=0: the one failure was dead-lettered and acked
-    assert unhealthy.pending == 0
+        unhealthy = await consumer.health()
+        assert not unhealthy.ready
+        assert "circuit breaker open" in unhealthy.reason
+        assert unhealthy.dlq_depth == 1  # max_retries=0: the one failure was dead-lettered and acked
+        await eventually(lambda: consumer.stats.acked == 1)
+        assert (await consumer.health()).pending == 0
+
+
+async def _ready(consumer: RedisStreamConsumer) -> bool:
+    return (await consumer.health()).ready
 
 
 @pytest.mark.parametrize("kill", ["kill", "pause"], ids=["redis-killed", "redis-paused"])
@@ -415,3 +454,134 @@ async def test_runners_share_breaker_state_and_flush_fleet_counters(
         await eventually(flushed)
     await first.aclose()
     await second.aclose()
+
+
+# --- issue 9 ---------------------------------------------------------------------------------------------
+async def test_reclaim_takes_over_no_more_entries_than_free_slots(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
+) -> None:
+    """XAUTOCLAIM asks for the free slots only: 30 orphaned entries, 3 slots, 3 move to this consumer.
+
+    Before the fix it claimed a whole batch (64), claimed their dedup leases and let them run down
+    while waiting for slots, so another consumer could take them over and run them at the same time.
+    """
+    producer = StreamProducer(client, stream)
+    for i in range(30):
+        await producer.send({"n": i}, message_id=f"o{i}")
+    await client.xgroup_create(stream, "g", id="0")
+    await client.xreadgroup("g", "dead", {stream: ">"}, count=30)
+    release = asyncio.Event()
+    started: list[str] = []
+
+    async def handler(env: sw.Envelope) -> None:
+        started.append(env.id)
+        await release.wait()
+
+    consumer = make_consumer(client, stream, make_layer(), handler, claim_idle_ms=0, concurrency=3)
+    async with running(consumer):
+        await eventually(lambda: len(started) == 3)
+        owners = {as_text(c["name"]): int(c["pending"]) for c in await client.xinfo_consumers(stream, "g")}
+        assert owners == {"dead": 27, "c1": 3}
+        release.set()
+        await eventually(lambda: consumer.stats.acked == 30)
+
+
+async def test_a_key_that_is_not_a_stream_stops_run_with_a_configuration_error(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
+) -> None:
+    """WRONGTYPE on the stream key ends run() with a ConfigurationError saying what to fix (not retried)."""
+    await client.set(stream, "a string, not a stream")
+
+    async def handler(env: sw.Envelope) -> None:
+        return None
+
+    consumer = make_consumer(client, stream, make_layer(), handler)
+    with pytest.raises(sw.ConfigurationError, match="is not a stream") as raised:
+        await asyncio.wait_for(consumer.run(), timeout=10)
+    assert "WRONGTYPE" in str(raised.value), "Redis' own words are kept"
+    assert consumer.stats.redis_errors == 0
+
+
+async def test_a_missing_permission_stops_run_with_a_configuration_error(
+    redis_server_per_test: Any, client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
+) -> None:
+    """NOPERM (an ACL user without XREADGROUP) ends run() with a ConfigurationError naming docs/security.md."""
+    await client.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@all", "-xreadgroup")
+    limited = redis.asyncio.Redis.from_url(
+        redis_server_per_test.url.replace("redis://", "redis://reader:pw@"), socket_timeout=5
+    )
+
+    async def handler(env: sw.Envelope) -> None:
+        return None
+
+    try:
+        consumer = make_consumer(limited, stream, make_layer(), handler)
+        with pytest.raises(sw.ConfigurationError, match=r"docs/security\.md") as raised:
+            await asyncio.wait_for(consumer.run(), timeout=10)
+        assert "xreadgroup" in str(raised.value).lower()
+        assert "\n" not in str(raised.value)
+    finally:
+        await limited.aclose()
+
+
+HOSTILE: list[dict[Any, Any]] = [
+    {"id": "deep-array", "payload": "[" * 2000 + "]" * 2000},  # 4 KB: RecursionError before the fix
+    {"id": "deep-object", "payload": '{"a":' * 2000 + "1" + "}" * 2000},
+    {"id": "not-utf8", "payload": b"\xff\xfe\x00{garbage"},
+    {"id": "number", "payload": "42"},
+    {"id": "no-payload", "other": "x"},
+    {"payload": '{"no": "id"}'},
+    {"id": "", "payload": "{}"},
+    {b"\xff\xfe": b"\x80", "id": "binary-field-name"},
+    {"id": b"\xff\xfeid", "payload": "{}"},
+    {"id": "huge", "payload": json.dumps({"x": "y" * 1_000_000})},
+    {"id": "binary-key", "key": b"\xff", "payload": "{}"},
+]
+
+
+async def test_no_entry_content_stops_the_consumer(
+    client: redis.asyncio.Redis, stream: str, otel: Otel
+) -> None:
+    """Deep, huge, non-UTF-8, non-object and field-less entries are all processed; the consumer goes on."""
+    seen: dict[str, Any] = {}
+
+    async def handler(env: sw.Envelope) -> None:
+        seen[env.id] = env.payload
+
+    for fields in HOSTILE:
+        await client.xadd(stream, fields)
+    await StreamProducer(client, stream).send({"ok": True}, message_id="after")
+    layer = sw.ReliabilityLayer(
+        client,
+        sw.ReliabilitySettings(),
+        tracer_provider=otel.tracer_provider,
+        meter_provider=otel.meter_provider,
+    )
+    consumer = make_consumer(client, stream, layer, handler, ordered_by_key=True)
+    async with running(consumer) as task:
+        await eventually(lambda: consumer.stats.acked == len(HOSTILE) + 1)
+        assert not task.done()
+    assert seen["after"] == {"ok": True}
+    assert isinstance(seen["deep-array"], str), "too deep for the parser: the raw text"
+    assert seen["number"] == 42
+    assert seen["\udcff\udcfeid"] == {}
+    assert consumer.stats.outcomes == {"processed": len(HOSTILE) + 1}
+
+
+async def test_the_id_field_setting_names_the_entry_field_holding_the_id(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer
+) -> None:
+    """STREAMWARDEN_ID_FIELD (settings.id_field) is honoured: a re-sent order_id runs once."""
+    runs: list[str] = []
+
+    async def handler(env: sw.Envelope) -> None:
+        runs.append(env.id)
+
+    producer = StreamProducer(client, stream, id_field="order_id")
+    await producer.send({"n": 1}, message_id="o-1")
+    await producer.send({"n": 1}, message_id="o-1")
+    consumer = make_consumer(client, stream, make_layer(id_field="order_id"), handler)
+    async with running(consumer):
+        await eventually(lambda: consumer.stats.acked == 2)
+    assert runs == ["o-1"]
+    assert consumer.stats.outcomes == {"processed": 1, "duplicate": 1}
