@@ -662,7 +662,7 @@ class _RedisRun:
         """Write the workload to the stream at ``config.rate``, the broker down inside the outage window."""
         from ._runners import StreamProducer
 
-        producer = StreamProducer(self.client, DEMO_STREAM)
+        producer = StreamProducer(self.client, DEMO_STREAM, service_name=DEMO_SERVICE)
         workload, report, outage = (
             _Workload(self.config, self.report),
             self.report,

@@ -279,19 +279,23 @@ class ReliabilityLayer:
         """The consumer group this layer processes for (telemetry and the default dedup scope)."""
         return self._group
 
-    def bind_consumer_group(self, group: str) -> None:
-        """Set the consumer group of a layer built without one (a stream runner does this).
+    def bind_consumer_group(self, group: str, *, messaging_system: str | None = None) -> None:
+        """Set the consumer group of a layer built without one (a stream runner does this), and the
+        ``messaging.system`` of its spans and metrics when the layer was built with the default.
 
         Raises :class:`~streamwarden.ConfigurationError` if the layer already serves another group.
         """
-        if self._group == group:
-            return
-        if self._group is not None:
+        if self._group is not None and self._group != group:
             raise ConfigurationError(
                 f"this layer processes for consumer group {self._group!r}, not {group!r}; "
                 "use one layer per group"
             )
-        self._group = group
+        system = self._system
+        if messaging_system is not None and system == n.MESSAGING_SYSTEM_DEFAULT:
+            system = messaging_system
+        if self._group == group and system == self._system:
+            return
+        self._group, self._system = group, system
         self._routes.clear()
         self._other_routes.clear()
         self._align_manager()

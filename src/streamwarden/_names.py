@@ -20,6 +20,7 @@ SCHEMA_URL: Final = "https://opentelemetry.io/schemas/1.27.0"
 
 # --- span names (format with the destination) --------------------------------------------------
 SPAN_PROCESS: Final = "process {destination}"
+SPAN_SEND: Final = "send {destination}"
 SPAN_DLQ_SEND: Final = "send {destination}.dlq"
 SPAN_DLQ_REPLAY: Final = "process {destination}.dlq"
 

@@ -241,12 +241,18 @@ class Telemetry:
             unit="{error}",
             description="Dead-letter writes that were not confirmed (the message was not acknowledged).",
         )
-        self._consumer_sources: list[Callable[[], Iterable[tuple[str, int, Mapping[str, Any]]]]] = []
+        self._consumer_sources: list[Callable[[], Iterable[tuple[str, float, Mapping[str, Any]]]]] = []
         meter.create_observable_gauge(
             n.METRIC_CONSUMER_LAG,
             callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_LAG)],
             unit="{message}",
             description="Entries in the stream not yet delivered to the consumer group (Redis >= 7).",
+        )
+        meter.create_observable_gauge(
+            n.METRIC_CONSUMER_OLDEST_PENDING_AGE,
+            callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_OLDEST_PENDING_AGE)],
+            unit="s",
+            description="Age of the oldest entry delivered to the group and not yet acknowledged.",
         )
         meter.create_observable_gauge(
             n.METRIC_CONSUMER_PENDING,
@@ -323,8 +329,33 @@ class Telemetry:
         for dest, depth in totals.items():
             yield Observation(depth, {**self._service_attrs, n.ATTR_MESSAGING_DESTINATION: dest})
 
+    def consumer_attrs(self, destination: str, group: str) -> dict[str, Any]:
+        """The attributes of a consumer's own signals (lag, pending, oldest pending age, lost)."""
+        return {
+            n.ATTR_SERVICE_NAME: self.service_name,
+            n.ATTR_MESSAGING_DESTINATION: destination,
+            n.ATTR_MESSAGING_CONSUMER_GROUP: group,
+        }
+
+    def send_span(
+        self, destination: str, message_id: str | None, system: str
+    ) -> AbstractContextManager[Span]:
+        """The PRODUCER ``send {destination}`` span around writing one message; the consumer's process
+        span links to it through the ``traceparent`` written with the message."""
+        attributes: dict[str, Any] = {
+            n.ATTR_MESSAGING_SYSTEM: system,
+            n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_SEND,
+            n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_SEND,
+            n.ATTR_MESSAGING_DESTINATION: destination,
+        }
+        if message_id:
+            attributes[n.ATTR_MESSAGING_MESSAGE_ID] = message_id
+        return self.tracer.start_as_current_span(
+            n.SPAN_SEND.format(destination=destination), kind=SpanKind.PRODUCER, attributes=attributes
+        )
+
     def add_consumer_gauge_source(
-        self, source: Callable[[], Iterable[tuple[str, int, Mapping[str, Any]]]]
+        self, source: Callable[[], Iterable[tuple[str, float, Mapping[str, Any]]]]
     ) -> None:
         """Report ``source()`` rows ``(metric name, value, attributes)`` as the consumer gauges.
 

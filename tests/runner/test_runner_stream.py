@@ -585,3 +585,57 @@ async def test_the_id_field_setting_names_the_entry_field_holding_the_id(
         await eventually(lambda: consumer.stats.acked == 2)
     assert runs == ["o-1"]
     assert consumer.stats.outcomes == {"processed": 1, "duplicate": 1}
+
+
+async def test_spans_name_redis_and_the_group_and_link_to_the_producer_span(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer, otel: Otel
+) -> None:
+    """A traced producer writes a PRODUCER ``send {stream}`` span whose context travels with the entry;
+    the consumer's process span links to it and says ``messaging.system=redis`` and the consumer group
+    (the runner's spans said ``streamwarden`` and no group before)."""
+    producer = StreamProducer(client, stream, tracer_provider=otel.tracer_provider)
+    await producer.send({"n": 1}, message_id="traced")
+
+    async def handler(env: sw.Envelope) -> None:
+        return None
+
+    consumer = make_consumer(client, stream, make_layer(), handler)
+    async with running(consumer):
+        await eventually(lambda: consumer.stats.acked == 1)
+    (send,) = otel.spans(f"send {stream}")
+    (process,) = otel.spans(f"process {stream}")
+    assert [link.context.span_id for link in process.links] == [send.context.span_id]
+    assert process.attributes is not None
+    assert process.attributes["messaging.system"] == "redis"
+    assert process.attributes["messaging.consumer.group.name"] == "g"
+
+
+async def test_oldest_pending_age_is_a_gauge(
+    client: redis.asyncio.Redis, stream: str, make_layer: MakeLayer, otel: Otel
+) -> None:
+    """The age of the oldest entry delivered and not acknowledged is exported (0 when nothing is
+    pending), so an alert can page on a message stuck in the pending list."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handler(env: sw.Envelope) -> None:
+        started.set()
+        await release.wait()
+
+    # an entry id is its creation time in ms: id 1-1 makes this entry 1970's, so its age is known
+    await client.xadd(stream, {"id": "stuck", "payload": "{}"}, id="1-1")
+    consumer = make_consumer(client, stream, make_layer(), handler, metrics_every_s=0.01)
+
+    def age() -> list[Any]:
+        return [v for _, v in otel.points(n.METRIC_CONSUMER_OLDEST_PENDING_AGE)]
+
+    async with running(consumer):
+        await started.wait()
+        await consumer.refresh_lag()
+        (stuck_age,) = age()
+        assert stuck_age > 50 * 365 * 86400  # seconds since 1970, from the server's clock
+        await client.xadd(stream, {"id": "later", "payload": "{}"})  # does not change the oldest
+        release.set()
+        await eventually(lambda: consumer.stats.acked == 2)
+        await consumer.refresh_lag()
+        assert age() == [0.0]

@@ -16,10 +16,14 @@ _SAFE_KEY_PART: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,200}")
 
 
 def as_text(value: Any) -> str:
-    """A reply value as ``str`` (clients with or without ``decode_responses``)."""
+    """A reply value as ``str`` (clients with or without ``decode_responses``); never raises (a value
+    whose ``__str__`` fails, which only a producer's hostile object could be, reads as a placeholder)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
-    return str(value)
+    try:
+        return str(value)
+    except Exception:
+        return f"<unreadable {type(value).__name__}>"
 
 
 def encode(value: str) -> bytes:

@@ -135,10 +135,12 @@ class Reclaimed(NamedTuple):
 
 
 class Backlog(NamedTuple):
-    """The group's backlog: entries not yet delivered (lag) and delivered but not acknowledged."""
+    """The group's backlog: entries not yet delivered (lag), delivered but not acknowledged (pending),
+    and the age in seconds of the oldest of those (``None`` when unknown or nothing is pending)."""
 
     lag: int | None
     pending: int | None
+    oldest_pending_age: float | None = None
 
 
 @runtime_checkable
@@ -372,7 +374,7 @@ class ConsumerRunner:
         self.transport = transport
         self.handler = handler
         self.layer = layer
-        self._bind_group(layer, transport.group)
+        self._bind_group(layer, transport.group, transport.name)
         self._clock = clock
         self._sleep = sleep
         self._backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
@@ -394,20 +396,18 @@ class ConsumerRunner:
         self._backing_off = False
         self._fatal: ConfigurationError | None = None
         telemetry = layer.telemetry
-        self._attrs = {
-            n.ATTR_SERVICE_NAME: layer.settings.service_name,
-            n.ATTR_MESSAGING_DESTINATION: transport.destination,
-            n.ATTR_MESSAGING_CONSUMER_GROUP: transport.group,
-        }
+        self._attrs = telemetry.consumer_attrs(transport.destination, transport.group)
+        self._oldest_pending_age: float | None = None
         self._lost_counter = telemetry.consumer_lost
         self._lost_counter.add(0, self._attrs)  # the series exists at 0, so increase() sees the first loss
         telemetry.add_consumer_gauge_source(self._gauge_values)
 
     @staticmethod
-    def _bind_group(layer: ReliabilityLayer, group: str) -> None:
+    def _bind_group(layer: ReliabilityLayer, group: str, system: str) -> None:
         """The layer's dedup scope and telemetry are per consumer group: bind it to this runner's (a
-        layer already serving another group raises :class:`~streamwarden.ConfigurationError`)."""
-        layer.bind_consumer_group(group)
+        layer already serving another group raises :class:`~streamwarden.ConfigurationError`), and
+        name the broker in its spans and metrics (``messaging.system``)."""
+        layer.bind_consumer_group(group, messaging_system=system)
 
     # --- public control -----------------------------------------------------------------------
     def stop(self) -> None:
@@ -836,13 +836,18 @@ class ConsumerRunner:
             log.debug("reading the backlog failed: %s", _describe(exc))
             return
         self._lag, self._pending = backlog.lag, backlog.pending
+        self._oldest_pending_age = backlog.oldest_pending_age
 
-    def _gauge_values(self) -> list[tuple[str, int, Mapping[str, Any]]]:
-        values: list[tuple[str, int, Mapping[str, Any]]] = []
+    def _gauge_values(self) -> list[tuple[str, float, Mapping[str, Any]]]:
+        values: list[tuple[str, float, Mapping[str, Any]]] = []
         if self._lag is not None:
             values.append((n.METRIC_CONSUMER_LAG, self._lag, self._attrs))
         if self._pending is not None:
             values.append((n.METRIC_CONSUMER_PENDING, self._pending, self._attrs))
+            # 0 when nothing is pending, so "the oldest pending message is old" has a quiet value
+            age = self._oldest_pending_age if self._pending else 0.0
+            if age is not None:
+                values.append((n.METRIC_CONSUMER_OLDEST_PENDING_AGE, age, self._attrs))
         return values
 
     async def health(self) -> Health:

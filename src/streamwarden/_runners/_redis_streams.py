@@ -25,11 +25,13 @@ from typing import Any
 
 from opentelemetry import propagate
 
+from .. import _names as n
 from .._envelope import Envelope
 from .._exceptions import ConfigurationError
 from .._layer import ReliabilityLayer
 from .._redis._wire import as_text
 from .._retry import Backoff, ExponentialBackoff
+from .._telemetry import telemetry_for
 from .._types import Clock, Processor, Sleep
 from ._core import (
     Backlog,
@@ -69,14 +71,6 @@ _TRANSIENT_CODES = frozenset(
 )  # fmt: skip
 
 
-def _text(value: Any) -> str:
-    """``as_text`` that cannot fail (a hostile ``__str__`` reads as a placeholder)."""
-    try:
-        return as_text(value)
-    except Exception:
-        return f"<unreadable {type(value).__name__}>"
-
-
 def _decode_payload(text: str) -> Any:
     """The JSON value of ``text``, or ``text`` itself when it is not JSON the parser can take.
 
@@ -109,25 +103,25 @@ def decode_entry(
     Field names and values are text (bytes decoded as UTF-8 with ``surrogateescape``); anything that is
     not a mapping of fields reads as no fields.
     """
-    stream_id = _text(entry_id)
+    stream_id = as_text(entry_id)
     decoded: dict[str, Any] = {}
     if isinstance(fields, Mapping):
         try:
             for name, value in fields.items():
-                decoded[_text(name)] = value
+                decoded[as_text(name)] = value
         except Exception:  # a mapping that fails to iterate: keep what was read
             pass
     raw_payload = decoded.get(FIELD_PAYLOAD)
     payload: Any
     if raw_payload is None:
-        payload = {name: _text(value) for name, value in decoded.items()}
+        payload = {name: as_text(value) for name, value in decoded.items()}
     else:
-        payload = _decode_payload(_text(raw_payload))
-    headers = {h: _text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
+        payload = _decode_payload(as_text(raw_payload))
+    headers = {h: as_text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
     raw_id = decoded.get(id_field)
-    message_id = _text(raw_id) if raw_id is not None else ""
+    message_id = as_text(raw_id) if raw_id is not None else ""
     raw_key = decoded.get(FIELD_KEY)
-    key = _text(raw_key) if raw_key is not None else None
+    key = as_text(raw_key) if raw_key is not None else None
     return Envelope(
         id=message_id or stream_id,
         payload=payload,
@@ -143,16 +137,31 @@ class StreamProducer:
     """Writes messages to a stream with an id, a JSON payload and the current trace context."""
 
     def __init__(
-        self, client: Any, stream: str, *, maxlen: int | None = None, id_field: str = FIELD_ID
+        self,
+        client: Any,
+        stream: str,
+        *,
+        maxlen: int | None = None,
+        id_field: str = FIELD_ID,
+        service_name: str = "streamwarden",
+        tracer_provider: Any = None,
     ) -> None:
         self.client = client
         self.stream = stream
         self.maxlen = maxlen
         self.id_field = id_field
+        self._telemetry = telemetry_for(service_name, tracer_provider=tracer_provider)
 
     async def send(self, payload: Any, *, message_id: str | None = None, key: str | None = None) -> str:
-        """``XADD`` one message; returns the stream entry id. The ``traceparent`` of the current span
-        is written so the consumer's process span links to this producer."""
+        """``XADD`` one message under a PRODUCER ``send {stream}`` span; returns the stream entry id.
+        The span's ``traceparent`` is written with the message so the consumer's process span links to
+        it (without an SDK: the current context's, if any)."""
+        if not self._telemetry.tracing_enabled():
+            return await self._send(payload, message_id, key)
+        with self._telemetry.send_span(self.stream, message_id, n.MESSAGING_SYSTEM_REDIS):
+            return await self._send(payload, message_id, key)
+
+    async def _send(self, payload: Any, message_id: str | None, key: str | None) -> str:
         fields: dict[str, str] = {FIELD_PAYLOAD: json.dumps(payload, separators=(",", ":"))}
         if message_id is not None:
             fields[self.id_field] = message_id
@@ -163,6 +172,12 @@ class StreamProducer:
         fields.update({k: v for k, v in carrier.items() if k in (FIELD_TRACEPARENT, FIELD_TRACESTATE)})
         entry_id = await self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=False)
         return as_text(entry_id)
+
+
+def _entry_ms(entry_id: Any) -> float | None:
+    """The creation time (ms) a stream entry id carries, ``None`` for anything else."""
+    head = as_text(entry_id).partition("-")[0] if entry_id is not None else ""
+    return float(head) if head.isdigit() else None
 
 
 def _error_code(error: BaseException) -> str:
@@ -266,10 +281,10 @@ class RedisStreamsTransport:
         except Exception as exc:
             self._check_group(exc)
             raise
-        cursor, claimed = _text(reply[0]), reply[1]
-        deleted = [_text(d) for d in (reply[2] if len(reply) > 2 else [])]
+        cursor, claimed = as_text(reply[0]), reply[1]
+        deleted = [as_text(d) for d in (reply[2] if len(reply) > 2 else [])]
         # Redis 6.2 answers a deleted entry as an entry without fields instead
-        deleted += [_text(eid) for eid, fields in claimed if fields is None]
+        deleted += [as_text(eid) for eid, fields in claimed if fields is None]
         self._cursor = cursor
         if deleted:  # XAUTOCLAIM already dropped them from the pending list; XACK confirms it
             await self.client.xack(self.stream, self.group, *deleted)
@@ -288,12 +303,21 @@ class RedisStreamsTransport:
         """Nothing to do: an unacknowledged entry stays pending and is reclaimed after ``claim_idle_ms``."""
 
     async def backlog(self) -> Backlog:
-        """``XINFO GROUPS``: the group's lag (Redis >= 7) and pending count."""
-        for info in await self.client.xinfo_groups(self.stream):
-            if _text(info.get("name")) == self.group:
+        """``XINFO GROUPS`` (the group's lag, Redis >= 7, and pending count), ``XPENDING`` (the oldest
+        pending entry, whose id is its creation time in ms) and ``TIME`` (the server's clock, which
+        made that id): one pipelined round trip."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.xinfo_groups(self.stream)
+            pipe.xpending(self.stream, self.group)
+            pipe.time()
+            groups, summary, (seconds, micros) = await pipe.execute()
+        oldest = _entry_ms(summary.get("min")) if summary and summary.get("pending") else None
+        age = None if oldest is None else max(0.0, (seconds * 1000 + micros / 1000 - oldest) / 1000)
+        for info in groups:
+            if as_text(info.get("name")) == self.group:
                 lag = info.get("lag")
-                return Backlog(int(lag) if lag is not None else None, int(info.get("pending", 0)))
-        return Backlog(None, None)
+                return Backlog(int(lag) if lag is not None else None, int(info.get("pending", 0)), age)
+        return Backlog(None, None, age)
 
     async def ping(self) -> None:
         """``PING``."""
