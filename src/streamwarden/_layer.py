@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.metrics import _internal as _metrics_api
 from opentelemetry.trace import INVALID_SPAN, Span, Status, StatusCode
 
 from . import _names as n
@@ -74,7 +75,7 @@ from ._exceptions import (
 from ._redis import RedisDeadLetterStore
 from ._retry import Retrier, RetryDetails
 from ._settings import ReliabilitySettings
-from ._telemetry import DestinationTelemetry, telemetry_for
+from ._telemetry import GLOBAL_PROVIDERS_FROM_ENV, DestinationTelemetry, telemetry_for
 from ._timeout import run_with_timeout, watchdog
 from ._types import Clock, DedupResult, Outcome, Processor, RedisClient, Sleep
 
@@ -117,6 +118,10 @@ _PROCESSED = Outcome.PROCESSED
 _DEAD_LETTERED = Outcome.DEAD_LETTERED
 _FAILED = Outcome.FAILED
 _NEW = ClaimStatus.NEW
+_NEW_KEY = ClaimStatus.NEW.value  # plain str keys for the per-destination cells (see _telemetry.OUTCOMES)
+_PROCESSED_KEY = Outcome.PROCESSED.value
+_TOTAL = n.COUNTER_TOTAL
+_COUNT_PROCESSED = n.COUNTER_PROCESSED
 _tuple_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (hot path)
 
 _current_lease: contextvars.ContextVar[Lease | None] = contextvars.ContextVar(
@@ -261,10 +266,11 @@ class ReliabilityLayer:
         # A claim made elsewhere (a batch) must have this much lease left before an attempt starts: an
         # attempt may run for its whole timeout, and it must not outlive the lease.
         self._lease_reserve = self._retry_policy.attempt_timeout or self._dedup_policy.lease / 10
+
         self._content_hash_ids = settings.missing_id_policy == "content_hash"
         self._group = settings.consumer_group
-        self._routes: dict[str, _Route] = {}
-        self._other_routes: dict[tuple[str, str | None], _Route] = {}
+        # the routes of this layer's group by destination, of other groups by (destination, group)
+        self._routes: dict[str | tuple[str, str], _Route] = {}
         self._id_field = settings.id_field
         self._defer_exhausted = settings.exhausted_transient_action == "defer"
         self._poison_max_attempts = settings.poison_max_deliveries or sys.maxsize
@@ -297,7 +303,6 @@ class ReliabilityLayer:
             return
         self._group, self._system = group, system
         self._routes.clear()
-        self._other_routes.clear()
         self._align_manager()
 
     def _align_manager(self) -> None:
@@ -332,9 +337,9 @@ class ReliabilityLayer:
                 route = self._routes[destination] = self._new_route(destination, self._group)
             return route
         key = (destination, group)
-        route = self._other_routes.get(key)
+        route = self._routes.get(key)
         if route is None:
-            route = self._other_routes[key] = self._new_route(destination, group)
+            route = self._routes[key] = self._new_route(destination, group)
         return route
 
     def _new_route(self, destination: str, group: str | None) -> _Route:
@@ -474,9 +479,18 @@ class ReliabilityLayer:
         route = (self._routes.get(destination) if group is None else None) or self._route(destination, group)
         dt = route.dt
         dt.consumed.value += 1
-        self._counts[n.COUNTER_TOTAL] += 1
+        self._counts[_TOTAL] += 1
         telemetry = self.telemetry
-        timed = telemetry.metrics_on or telemetry.metrics_enabled()
+        # Without an SDK, the API's no-op span and histogram cost ~1.5 µs together: skip both. The global
+        # providers are read as module attributes here, because a method call per message costs as much
+        # as what it saves (an SDK set later is still picked up at the next message).
+        traced = telemetry.tracing_on or (
+            (trace._TRACER_PROVIDER is not None or GLOBAL_PROVIDERS_FROM_ENV) and telemetry.tracing_enabled()
+        )
+        timed = telemetry.metrics_on or (
+            (_metrics_api._METER_PROVIDER is not None or GLOBAL_PROVIDERS_FROM_ENV)
+            and telemetry.metrics_enabled()
+        )
         started = time.perf_counter() if timed else 0.0
         headers: Mapping[str, str]
         if (
@@ -493,7 +507,7 @@ class ReliabilityLayer:
                 return await self._reject_invalid(message, read, dt)
             env = read
             mid, headers, delivery = env.id, env.headers, env.delivery_count
-        if telemetry.tracing_on or telemetry.tracing_enabled():
+        if traced:
             span = telemetry.start_process_span(dt, mid, delivery, headers)
             token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
         else:  # no SDK: skip the API's no-op span machinery entirely
@@ -517,7 +531,7 @@ class ReliabilityLayer:
             if claim is not None:
                 if claim.status is not _NEW:
                     return self._not_new(mid, claim.status, dt, span)
-                dt.dedup[_NEW].value += 1
+                dt.dedup[_NEW_KEY].value += 1
                 lease = claim.lease
                 if claim.takeover:
                     self._took_over(mid, dt, span)
@@ -624,8 +638,8 @@ class ReliabilityLayer:
                 else:
                     await self._complete(route, lease, fingerprint)
             # _finish(PROCESSED) written out: the common case, on the hot path
-            route.dt.outcomes[_PROCESSED].value += 1
-            self._counts[n.COUNTER_PROCESSED] += 1
+            route.dt.outcomes[_PROCESSED_KEY].value += 1
+            self._counts[_COUNT_PROCESSED] += 1
             return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, attempts, None))
         except BaseException:
             # Cancelled. Before the handler started, the claim is given back at once (not an attempt);

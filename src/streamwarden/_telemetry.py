@@ -51,6 +51,9 @@ _NOOP_TRACER_PROVIDERS = (ProxyTracerProvider, NoOpTracerProvider)
 _SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 _ENV_TRACER_PROVIDER = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
+#: The global providers may come from OTEL_PYTHON_*_PROVIDER variables, created on first use: then the
+#: hot path cannot tell "no SDK" from a module attribute and asks every time.
+GLOBAL_PROVIDERS_FROM_ENV = _ENV_TRACER_PROVIDER or "OTEL_PYTHON_METER_PROVIDER" in os.environ
 
 
 def _global_tracer_provider() -> object:
@@ -67,9 +70,10 @@ def _global_tracer_provider() -> object:
 _MISSING = object()
 _PROXY_MARKER = ProxyTracerProvider()
 
-OUTCOMES = tuple(Outcome)
+# plain str keys: a dict lookup by an enum member of another class costs ~0.1 µs more (rich compare)
+OUTCOMES = tuple(o.value for o in Outcome)
 # "takeover" counts NEW claims that replaced an expired lease (also counted as "new"): possible duplicates.
-DEDUP_RESULTS = tuple(DedupResult)
+DEDUP_RESULTS = tuple(r.value for r in DedupResult)
 
 
 class Cell:
@@ -145,11 +149,14 @@ class Telemetry:
             n.INSTRUMENTATION_NAME, _VERSION, tracer_provider=tracer_provider, schema_url=n.SCHEMA_URL
         )
         self._tracer_provider = tracer_provider
-        #: True once tracing is known to be on (read directly on the hot path; see tracing_enabled)
-        self.tracing_on = False
+        #: True once tracing is known to be on (read directly on the hot path; see tracing_enabled). With
+        #: explicit providers it is decided here; with the global ones, when an SDK shows up.
+        self.tracing_on = tracer_provider is not None and not isinstance(
+            tracer_provider, _NOOP_TRACER_PROVIDERS
+        )
         self._meter_provider = meter_provider
         #: True once metrics are known to be on (read directly on the hot path; see metrics_enabled)
-        self.metrics_on = False
+        self.metrics_on = meter_provider is not None and not isinstance(meter_provider, NoOpMeterProvider)
         meter = metrics.get_meter(
             n.INSTRUMENTATION_NAME, _VERSION, meter_provider=meter_provider, schema_url=n.SCHEMA_URL
         )
@@ -423,6 +430,9 @@ class Telemetry:
             provider = _global_tracer_provider()
         # A global provider, once set, cannot be replaced (the API forbids it): cache a yes for good.
         self.tracing_on = not isinstance(provider, _NOOP_TRACER_PROVIDERS)
+        if not self.metrics_on:  # the hot path reads metrics_on after asking this (one call, not two)
+            meters: object = self._meter_provider or _metrics_internal._METER_PROVIDER
+            self.metrics_on = meters is not None and not isinstance(meters, NoOpMeterProvider)
         return self.tracing_on
 
     def metrics_enabled(self) -> bool:
