@@ -404,10 +404,14 @@ class Facts:
     takeovers_by_pid: Counter[int]
     dlq: list[dict[str, str]]
     counters: dict[str, Counter[str]]
+    takeovers_by_id: Counter[str]
 
 
-def read_ledgers(workdir: Path) -> tuple[Counter[str], Counter[str], Counter[int], Counter[int]]:
-    """Effects and starts per id, effects and takeovers per process, from every ledger file."""
+def read_ledgers(
+    workdir: Path,
+) -> tuple[Counter[str], Counter[str], Counter[int], Counter[int], Counter[str]]:
+    """Effects and starts per id, effects and takeovers per process, takeovers per id, from every ledger."""
+    takeovers_by_id: Counter[str] = Counter()
     effects: Counter[str] = Counter()
     starts: Counter[str] = Counter()
     effects_by_pid: Counter[int] = Counter()
@@ -424,18 +428,21 @@ def read_ledgers(workdir: Path) -> tuple[Counter[str], Counter[str], Counter[int
                     starts[record["id"]] += 1
                 elif phase == "takeover":
                     takeovers_by_pid[record["pid"]] += 1
-    return effects, starts, effects_by_pid, takeovers_by_pid
+                    takeovers_by_id[record["id"]] += 1
+    return effects, starts, effects_by_pid, takeovers_by_pid, takeovers_by_id
 
 
 async def gather_facts(client: redis.asyncio.Redis, workdir: Path, fleet: Fleet) -> Facts:
-    effects, starts, effects_by_pid, takeovers_by_pid = await asyncio.to_thread(read_ledgers, workdir)
+    effects, starts, effects_by_pid, takeovers_by_pid, takeovers_by_id = await asyncio.to_thread(
+        read_ledgers, workdir
+    )
     raw = await client.xrange(f"{KEY_PREFIX}:dlq:{STREAM}", "-", "+")
     dlq = [{_text(k): _text(v) for k, v in fields.items()} for _, fields in raw]
     counters: dict[str, Counter[str]] = {}
     for inc in fleet.incarnations:
         values = await client.hgetall(f"{KEY_PREFIX}:metrics:{inc.service}")
         counters[inc.service] = Counter({_text(k): int(v) for k, v in values.items()})
-    return Facts(effects, starts, effects_by_pid, takeovers_by_pid, dlq, counters)
+    return Facts(effects, starts, effects_by_pid, takeovers_by_pid, dlq, counters, takeovers_by_id)
 
 
 def reconcile(
@@ -473,6 +480,16 @@ def reconcile(
             problems.append(f"healthy {mid}: executed={mid in executed}, dead-lettered as {reasons}")
     if duplicates > takeovers_durable:
         problems.append(f"{duplicates} duplicate executions but only {takeovers_durable} counted takeovers")
+    # per id: every extra execution of an id follows a counted takeover of that same id
+    uncounted = {
+        mid: n - 1 - facts.takeovers_by_id[mid]
+        for mid, n in facts.effects.items()
+        if n - 1 > facts.takeovers_by_id[mid]
+    }
+    if uncounted:
+        problems.append(
+            f"{sum(uncounted.values())} uncounted duplicate executions, e.g. {sorted(uncounted)[:5]}"
+        )
 
     per_incarnation = []
     dlq_by_service = Counter(e.get("service", "") for e in facts.dlq)
@@ -513,6 +530,9 @@ def reconcile(
         "dead_lettered_by_reason": dict(dlq_reasons),
         "lost": len(lost),
         "takeovers_durable": takeovers_durable,
+        "uncounted_duplicates": sum(
+            max(0, n - 1 - facts.takeovers_by_id[mid]) for mid, n in facts.effects.items()
+        ),
         "takeovers_metrics": totals["dedup_takeovers"],
         "metrics_totals": {k: totals[k] for k in sorted(totals)},
         "unflushed_by_killed_processes": unflushed,
@@ -598,6 +618,7 @@ def print_report(report: dict[str, Any], problems: list[str]) -> None:
         ("  kinds", ", ".join(f"{k} {v}" for k, v in sorted(report["kinds"].items()))),
         ("processed (ids whose effect ran)", report["processed"]),
         ("duplicate executions (effect ran twice)", report["duplicate_executions"]),
+        ("  not preceded by a counted takeover of that id", report["uncounted_duplicates"]),
         ("duplicate deliveries answered (metrics)", report["duplicate_deliveries_answered"]),
         ("dead-lettered (entries / ids)", f"{report['dead_lettered']} / {report['dead_lettered_ids']}"),
         ("  by reason", ", ".join(f"{k} {v}" for k, v in sorted(report["dead_lettered_by_reason"].items()))),

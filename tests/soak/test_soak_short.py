@@ -36,5 +36,8 @@ def test_short_soak_loses_nothing_and_reconciles_with_the_metrics(tmp_path: Path
     assert report["pauses"] >= 1, "Redis was paused"
     assert report["processed"] + report["dead_lettered_ids"] == report["unique_ids"]
     assert report["duplicate_executions"] <= report["takeovers_durable"]
+    assert report["uncounted_duplicates"] == 0, (
+        "every duplicate execution follows a counted takeover of its id"
+    )
     poison = report["kinds"]["poison"] + report["kinds"]["killer"]
     assert report["dead_lettered_by_reason"].get("poison", 0) >= poison
