@@ -1,6 +1,6 @@
 """Deduplication: claim an id before processing, complete it after, release it on failure.
 
-The seed's check-then-mark (``EXISTS`` then ``SETEX``) lets two consumers run the same id at once.
+The original module's check-then-mark (``EXISTS`` then ``SETEX``) lets two consumers run the same id at once.
 streamwarden claims instead. A claim answers, atomically:
 
 * ``NEW``: the caller now holds a :class:`Lease` (owner token, fencing token, expiry) and may process;
@@ -184,7 +184,7 @@ class DedupStore(Protocol):
     async def mark_completed(
         self, message_id: str, ttl_seconds: float, fingerprint: str | None = None
     ) -> None:
-        """Record ``message_id`` as completed without a claim (the seed's ``mark_processed``)."""
+        """Record ``message_id`` as completed without a claim (the original module's ``mark_processed``)."""
         ...
 
     async def forget(self, message_id: str) -> bool:

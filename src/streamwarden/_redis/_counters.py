@@ -1,4 +1,4 @@
-"""Fleet-wide seed counters in one Redis hash per service, flushed in batches.
+"""Fleet-wide reliability counters (MetricsCollector) in one Redis hash per service, flushed in batches.
 
 ``Flushable(redis_client)`` counts in process memory on the hot path; a flush sends the
 accumulated deltas here in one round trip::
