@@ -121,3 +121,32 @@ async def test_message_id_with_a_lone_surrogate_round_trips(redis_client: redis.
     assert result.outcome is Outcome.DEAD_LETTERED
     (stored,) = await store.list()
     assert stored.message_id == odd
+
+
+@pytest.mark.parametrize(
+    "make_bounded",
+    [
+        pytest.param(lambda client, limit: InMemoryDeadLetterStore(max_traceback_chars=limit), id="embedded"),
+        pytest.param(
+            lambda client, limit: RedisDeadLetterStore(client, max_traceback_chars=limit), id="redis"
+        ),
+    ],
+)
+async def test_the_traceback_limit_holds_for_every_small_limit(
+    redis_client: redis.asyncio.Redis, make_bounded: Callable[[redis.asyncio.Redis, int], DeadLetterStore]
+) -> None:
+    """For every limit 0…50 both stores keep at most that many characters of a 1,000-character traceback,
+    its end (the Redis store's own copy of the cutting once stored 1,018 characters for a limit of 5)."""
+    from streamwarden import DeadLetterEntry
+
+    traceback = "x" * 980 + "ValueError: the end\n"
+    for limit in range(51):
+        store = make_bounded(redis_client, limit)
+        entry = DeadLetterEntry(
+            message_id=f"tb-{limit}", destination="tb", payload={}, reason="error", error_type="ValueError",
+            error_class="permanent", error_message="e", attempts=1, service="s", traceback=traceback,
+        )  # fmt: skip
+        stored = await store.get(await store.add(entry))
+        assert stored is not None
+        assert len(stored.traceback) <= limit, (limit, len(stored.traceback))
+        assert traceback.endswith(stored.traceback.removeprefix("...[truncated]...\n")), limit
