@@ -447,6 +447,32 @@ def listening(option: str, host: str, port: int) -> Iterator[None]:
         raise CliError(f"{option}: cannot listen on {host}:{port}: {reason}") from exc
 
 
+def telemetry_options(func: F) -> F:
+    """``--prometheus-port``, ``--prometheus-host`` and ``--otlp-endpoint`` (``OTEL_*`` variables work
+    too), for every command that processes messages; pass them to :func:`start_telemetry`."""
+    options = [
+        click.option(
+            "--prometheus-port", type=PORT, default=None, help="Serve /metrics on --prometheus-host:PORT."
+        ),
+        click.option(
+            "--prometheus-host",
+            default="127.0.0.1",
+            show_default=True,
+            callback=non_empty,
+            help="Address for /metrics.",
+        ),
+        click.option(
+            "--otlp-endpoint",
+            default=None,
+            callback=non_empty,
+            help="Export traces and metrics over OTLP (gRPC); OTEL_EXPORTER_OTLP_ENDPOINT works too.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def start_telemetry(
     service_name: str, *, otlp_endpoint: str | None, prometheus_port: int | None, prometheus_host: str
 ) -> None:

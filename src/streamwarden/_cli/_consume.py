@@ -25,6 +25,7 @@ from ._common import (
     printable,
     redis_options,
     start_telemetry,
+    telemetry_options,
 )
 
 __all__ = ["consume"]
@@ -113,17 +114,7 @@ class _RunnerOptions:
     callback=non_empty,
     help="Address of the health endpoint.",
 )
-@click.option("--prometheus-port", type=PORT, default=None, help="Serve /metrics on --prometheus-host:PORT.")
-@click.option(
-    "--prometheus-host",
-    default="127.0.0.1",
-    show_default=True,
-    callback=non_empty,
-    help="Address for /metrics.",
-)
-@click.option(
-    "--otlp-endpoint", default=None, callback=non_empty, help="Export traces and metrics over OTLP (gRPC)."
-)
+@telemetry_options
 @click.option(
     "--flush-every",
     type=finite_float(minimum=0, open_min=True),

@@ -34,6 +34,7 @@ from ._common import (
     non_empty,
     redis_options,
     start_telemetry,
+    telemetry_options,
 )
 
 __all__ = ["demo"]
@@ -117,14 +118,7 @@ def _check_combinations(ctx: click.Context, live: bool, redis: bool) -> None:
     show_default=True,
     help="--live: outage length, s.",
 )
-@click.option("--prometheus-port", type=PORT, default=None, help="Serve /metrics on --prometheus-host:PORT.")
-@click.option(
-    "--prometheus-host",
-    default="127.0.0.1",
-    show_default=True,
-    callback=non_empty,
-    help="Address for /metrics.",
-)
+@telemetry_options
 @click.option(
     "--control-port", type=PORT, default=None, help="POST/DELETE /outage, GET /status (live counts)."
 )
@@ -134,9 +128,6 @@ def _check_combinations(ctx: click.Context, live: bool, redis: bool) -> None:
     show_default=True,
     callback=non_empty,
     help="Address of the control endpoint (0.0.0.0 in a container).",
-)
-@click.option(
-    "--otlp-endpoint", default=None, callback=non_empty, help="Export traces and metrics over OTLP (gRPC)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON.")
 @redis_options(default_url=None, url_envvar=False, url_help=_REDIS_URL_HELP)
