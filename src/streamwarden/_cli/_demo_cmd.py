@@ -23,6 +23,7 @@ from .._demo import (
     run_demo,
     run_redis_demo,
 )
+from .._types import Outcome
 from ._common import (
     PORT,
     GuardedCommand,
@@ -222,7 +223,7 @@ async def _run(
     task = progress.add_task("signals", total=None if config.live else config.messages, stats="")
 
     def on_progress(report: DemoReport, backlog: int) -> None:
-        done = report.outcomes.get("processed", 0) + report.outcomes.get("dead_lettered", 0)
+        done = report.outcomes.get(Outcome.PROCESSED, 0) + report.outcomes.get(Outcome.DEAD_LETTERED, 0)
         stats = (
             f"dup {report.outcomes.get('duplicate', 0)}  dlq {report.outcomes.get('dead_lettered', 0)}  "
             f"deferred {report.outcomes.get('deferred', 0)}  backlog {backlog}"
@@ -275,15 +276,15 @@ def _print_report(console: Console, report: DemoReport, live: bool) -> None:
         ("messages produced", report.produced),
         ("  unique signals", report.unique_ids),
         ("  re-sent (duplicates injected)", report.resent),
-        ("processed (executed once)", report.outcomes.get("processed", 0)),
-        ("duplicates skipped", report.outcomes.get("duplicate", 0)),
+        ("processed (executed once)", report.outcomes.get(Outcome.PROCESSED, 0)),
+        ("duplicates skipped", report.outcomes.get(Outcome.DUPLICATE, 0)),
         ("retries", report.retries),
-        ("dead-lettered", report.outcomes.get("dead_lettered", 0)),
+        ("dead-lettered", report.outcomes.get(Outcome.DEAD_LETTERED, 0)),
     ]
     rows += [(f"  reason {reason}", count) for reason, count in sorted(report.dlq_reasons.items())]
     rows += [
-        ("deferred (breaker open, redelivered)", report.outcomes.get("deferred", 0)),
-        ("in progress elsewhere (redelivered)", report.outcomes.get("in_progress", 0)),
+        ("deferred (breaker open, redelivered)", report.outcomes.get(Outcome.DEFERRED, 0)),
+        ("in progress elsewhere (redelivered)", report.outcomes.get(Outcome.IN_PROGRESS, 0)),
         ("breaker transitions", " ".join(f"{a}->{b}" for a, b in report.transitions) or "none"),
         ("success rate", f"{report.metrics.get('success_rate', 0.0):.2%}"),
         ("elapsed", f"{report.elapsed:.1f}s"),

@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .._breaker import BreakerState
 from .._counters import COUNTER_NAMES, with_rates
 from .._dlq import DeadLetterEntry
 from .._redis._breaker import read_shared_breakers
@@ -598,7 +599,7 @@ def metrics(redis_target: RedisTarget, service: str, as_json: bool) -> None:
     make_console().print(table)
 
 
-_STATE_STYLE = {"closed": "green", "open": "red", "half_open": "yellow"}
+_STATE_STYLE = {BreakerState.CLOSED: "green", BreakerState.OPEN: "red", BreakerState.HALF_OPEN: "yellow"}
 
 
 @click.command("breakers", cls=GuardedCommand)
@@ -628,7 +629,7 @@ def breakers(redis_target: RedisTarget, as_json: bool) -> None:
         table.add_row(
             printable(s.name),
             Text(s.state, style=_STATE_STYLE.get(s.state, "")),
-            f"{s.retry_after(now):.1f}s" if s.state == "open" else "-",
+            f"{s.retry_after(now):.1f}s" if s.state == BreakerState.OPEN else "-",
             str(s.version),
             printable(s.origin),
             _iso(s.updated_at),

@@ -80,6 +80,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from .. import _names as n
+from .._breaker import BreakerState
 from .._dedup import ClaimResult, ClaimStatus
 from .._dlq import DepthRefreshing
 from .._envelope import Envelope
@@ -521,7 +522,7 @@ class ConsumerRunner:
 
     async def _step(self) -> None:
         breaker = self.layer.circuit_breaker
-        if breaker.state == "open":
+        if breaker.state is BreakerState.OPEN:
             wait = breaker.retry_after()
             if wait > 0:
                 self.stats.paused_for_breaker += 1
@@ -870,7 +871,7 @@ class ConsumerRunner:
             reasons.append("stopping")
         elif not self._running:
             reasons.append("not consuming (run() is not running)")
-        if self.layer.circuit_breaker.state == "open":
+        if self.layer.circuit_breaker.state is BreakerState.OPEN:
             reasons.append("circuit breaker open (reading paused)")
         if self._backing_off:
             reasons.append(f"backing off after {self.transport.name} errors")
