@@ -347,6 +347,7 @@ class _EmbeddedRun:
         self.drained = asyncio.Event()
         self.started = time.monotonic()
         layer.circuit_breaker.add_transition_listener(self._on_transition)
+        layer.prepare(config.destination)  # its counters exist at 0 before the first message
 
     def _on_transition(self, event: BreakerTransition) -> None:
         self.report.transitions.append((event.from_state, event.to_state))

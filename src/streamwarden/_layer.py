@@ -346,6 +346,12 @@ class ReliabilityLayer:
         dt = self.telemetry.destination(destination, group, self._system)
         return _Route(dt, self.dedup_store_for(destination, group), self.dedup_scope_for(destination, group))
 
+    def prepare(self, destination: str) -> None:
+        """Set up ``destination`` now rather than at its first message: its telemetry (counters exported
+        at 0 from the start, so the first event is a visible rise) and its dedup store. Runners call it
+        when they start."""
+        self._route(destination)
+
     async def claim_batch(
         self, message_ids: Sequence[str], *, destination: str, group: str | None = None
     ) -> list[ClaimResult]:

@@ -49,6 +49,7 @@ except Exception:  # pragma: no cover - running from a source tree without metad
 
 _NOOP_TRACER_PROVIDERS = (ProxyTracerProvider, NoOpTracerProvider)
 _SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_STATE_VALUES = tuple(state.value for state in BreakerState)
 
 _ENV_TRACER_PROVIDER = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 #: The global providers may come from OTEL_PYTHON_*_PROVIDER variables, created on first use: then the
@@ -299,7 +300,9 @@ class Telemetry:
         self.dlq_write_errors.add(0, dt.metric_attrs)
         for result in (n.RETRY_SUCCEEDED, n.RETRY_EXHAUSTED):
             self.retry_outcomes.add(0, {**dt.metric_attrs, n.ATTR_RETRY_RESULT: result})
-        for reason in (DeadLetterReason.INVALID_MESSAGE, DeadLetterReason.MISSING_ID):
+        # plain str values: the SDK keeps an enum-valued attribute set as a series of its own, and the
+        # exporter then shows two series with one label set (Prometheus keeps the first, the 0)
+        for reason in (DeadLetterReason.INVALID_MESSAGE.value, DeadLetterReason.MISSING_ID.value):
             self.invalid_messages.add(0, {**dt.metric_attrs, n.ATTR_DLQ_REASON: reason})
 
     def _observe_consumed(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -309,14 +312,13 @@ class Telemetry:
     def _observe_outcomes(self, options: CallbackOptions) -> Iterable[Observation]:
         for dt in list(self._destinations.values()):
             for outcome, cell in dt.outcomes.items():
-                if cell.value:
-                    yield Observation(cell.value, {**dt.metric_attrs, n.ATTR_OUTCOME: outcome})
+                # every outcome from the start, 0 included: increase() then sees the first one
+                yield Observation(cell.value, {**dt.metric_attrs, n.ATTR_OUTCOME: outcome})
 
     def _observe_dedup(self, options: CallbackOptions) -> Iterable[Observation]:
         for dt in list(self._destinations.values()):
             for result, cell in dt.dedup.items():
-                if cell.value:
-                    yield Observation(cell.value, {**dt.metric_attrs, n.ATTR_DEDUP_RESULT: result})
+                yield Observation(cell.value, {**dt.metric_attrs, n.ATTR_DEDUP_RESULT: result})
 
     def add_dlq_depth_source(self, source: Callable[[], Mapping[str, int]]) -> None:
         """Report ``source()`` (destination -> depth) as ``streamwarden.dlq.depth`` at each collection."""
@@ -550,7 +552,8 @@ class Telemetry:
 
         def on_transition(event: BreakerTransition) -> None:
             self.breaker_transitions.add(
-                1, {**attrs, n.ATTR_BREAKER_FROM: event.from_state, n.ATTR_BREAKER_TO: event.to_state}
+                1,
+                {**attrs, n.ATTR_BREAKER_FROM: str(event.from_state), n.ATTR_BREAKER_TO: str(event.to_state)},
             )
             span = trace.get_current_span()
             if span.is_recording():
@@ -576,8 +579,8 @@ class Telemetry:
         breaker.add_rejection_listener(on_rejection)
         # every transition series and the rejection series exist at 0 from the start (see _precreate)
         self.breaker_rejections.add(0, attrs)
-        for before in BreakerState:
-            for after in BreakerState:
+        for before in _STATE_VALUES:
+            for after in _STATE_VALUES:
                 if before != after:
                     self.breaker_transitions.add(
                         0, {**attrs, n.ATTR_BREAKER_FROM: before, n.ATTR_BREAKER_TO: after}

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -47,11 +48,28 @@ HOST = "127.0.0.1"
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
-# Metrics of the Redis Streams consumer runner. Dashboards and alerts use them, but the demo does not
-# run the runner, so the e2e test expects their queries to return no data (and says so if they do).
+# Metrics only the Redis Streams consumer runner emits (`streamwarden consume`); `streamwarden demo
+# --live` does not run one, so the e2e test scrapes a runner as well.
 RUNNER_ONLY_METRICS = frozenset(
-    {"streamwarden_consumer_lag", "streamwarden_consumer_pending", "streamwarden_consumer_lost_total"}
+    {
+        "streamwarden_consumer_lag",
+        "streamwarden_consumer_pending",
+        "streamwarden_consumer_lost_total",
+        "streamwarden_consumer_oldest_pending_age_seconds",
+    }
 )
+
+# Metrics a dashboard uses that no process of the e2e test emits, with the reason. The e2e test expects
+# the queries that select only these to return no data, and fails when one does (then remove it here).
+E2E_ABSENT_METRICS: dict[str, str] = {
+    "streamwarden_dlq_replays_total": (
+        "counted by `streamwarden dlq replay`, a one-shot command that exports over OTLP only; the e2e "
+        "test has no Collector"
+    ),
+}
+
+# Series Prometheus makes itself, which rules may use.
+PROMETHEUS_BUILTIN_METRICS = frozenset({"up"})
 
 
 def emitted_metric_names() -> frozenset[str]:
@@ -386,6 +404,7 @@ class PrometheusApi:
 class Notification:
     path: str
     payload: dict[str, Any]
+    received_at: float = 0.0  # time.time() when the receiver got it
 
     @property
     def alerts(self) -> list[dict[str, Any]]:
@@ -405,7 +424,7 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver._lock:
-                    receiver._notifications.append(Notification(self.path, json.loads(body)))
+                    receiver._notifications.append(Notification(self.path, json.loads(body), time.time()))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -436,8 +455,12 @@ class WebhookReceiver:
 
     def alerts(self, alertname: str, status: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         """(path, alert) for every received alert named ``alertname`` (and with ``status``)."""
+        return [(path, alert) for path, alert, _ in self.received(alertname, status)]
+
+    def received(self, alertname: str, status: str | None = None) -> list[tuple[str, dict[str, Any], float]]:
+        """(path, alert, time received) for every alert named ``alertname`` (and with ``status``)."""
         return [
-            (n.path, alert)
+            (n.path, alert, n.received_at)
             for n in self.notifications()
             for alert in n.alerts
             if alert["labels"].get("alertname") == alertname and (status is None or alert["status"] == status)
@@ -470,7 +493,20 @@ class RunningPrometheus:
     server: ServerProcess
 
 
-StartPrometheus = Callable[[list[str]], RunningPrometheus]
+# job name -> scrape targets (host:port)
+StartPrometheus = Callable[[Mapping[str, list[str]]], RunningPrometheus]
+
+
+@dataclass(frozen=True)
+class RunningRunner:
+    """One ``streamwarden consume`` process (the Redis Streams runner) with its /metrics endpoint."""
+
+    server: ServerProcess
+    metrics_target: str
+    service: str
+    stream: str
+    group: str
+    key_prefix: str
 
 
 @dataclass(frozen=True)
@@ -487,3 +523,124 @@ class RunningDemo:
         assert status == 200, body
         result: dict[str, Any] = json.loads(body)
         return result
+
+
+# --- Prometheus durations and the shipped timings -----------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a Prometheus duration such as ``15s``, ``1m30s`` or ``4h``."""
+    text = str(text).strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a Prometheus duration: {text!r}")
+    return sum(int(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+ROUTE_TIMINGS = ("group_wait", "group_interval", "repeat_interval")
+
+
+def route_timings(config: Mapping[str, Any], labels: Mapping[str, str]) -> dict[str, float]:
+    """group_wait / group_interval / repeat_interval (seconds) of the first route an alert with ``labels``
+    matches, inherited from the parents as Alertmanager does (simple ``name="value"`` matchers only)."""
+
+    def matches(route: Mapping[str, Any]) -> bool:
+        for matcher in route.get("matchers", []):
+            name, _, value = matcher.partition("=")
+            if labels.get(name.strip()) != value.strip().strip('"'):
+                return False
+        return True
+
+    route: Mapping[str, Any] = config["route"]
+    timings = {key: parse_duration(route[key]) for key in ROUTE_TIMINGS}
+    for child in route.get("routes", []):
+        if matches(child):
+            timings.update({key: parse_duration(child[key]) for key in ROUTE_TIMINGS if key in child})
+            break
+    return timings
+
+
+# --- /metrics ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(target: str) -> list[Sample]:
+    """Every sample of ``http://target/metrics`` (Prometheus text format), duplicates included."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = http_request(f"http://{target}/metrics", timeout=5)
+    if status != 200:
+        raise OSError(f"GET http://{target}/metrics -> {status}")
+    return [
+        Sample(s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    ]
+
+
+# --- a Redis stream producer for the runner ----------------------------------------------------
+
+
+class StreamFeeder:
+    """Writes messages to a Redis stream at ``rate`` per second from a thread, in the wire format of
+    ``streamwarden._runners.StreamProducer``: one message in ``poison_every`` is poison (dead-lettered
+    by tests/ops/_ops_handler.py, the first one at once), every ``resend_every``-th re-sends an earlier
+    processed message with its id and payload (a duplicate)."""
+
+    def __init__(
+        self, redis_url: str, stream: str, *, rate: float, poison_every: int = 25, resend_every: int = 10
+    ) -> None:
+        import redis
+        from streamwarden._runners._redis_streams import FIELD_ID, FIELD_PAYLOAD
+
+        self._client = redis.Redis.from_url(redis_url)
+        self._fields = (FIELD_ID, FIELD_PAYLOAD)
+        self.stream = stream
+        self.rate = rate
+        self.poison_every = poison_every
+        self.resend_every = resend_every
+        self.sent = 0
+        self.poison = 0
+        self.resent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"feed-{stream}", daemon=True)
+
+    def _run(self) -> None:
+        id_field, payload_field = self._fields
+        good: list[tuple[str, str]] = []
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            n = self.sent + 1
+            if n % self.resend_every == 0 and len(good) > 20:
+                message_id, body = good[-20]
+                self.resent += 1
+            else:
+                payload: dict[str, Any] = {"n": n}
+                if n % self.poison_every == 1:  # never a multiple of resend_every
+                    payload["poison"] = True
+                    self.poison += 1
+                message_id, body = f"m-{n}", json.dumps(payload)
+                if not payload.get("poison"):
+                    good.append((message_id, body))
+            self._client.xadd(self.stream, {id_field: message_id, payload_field: body})
+            self.sent += 1
+            next_at += 1.0 / self.rate
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def start(self) -> StreamFeeder:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._client.close()

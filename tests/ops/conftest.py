@@ -1,4 +1,5 @@
-"""Fixtures of the ops suite: real Prometheus, Alertmanager, a webhook receiver and the demo service.
+"""Fixtures of the ops suite: real Prometheus, Alertmanager, a webhook receiver, the live demo and the
+Redis Streams runner (`streamwarden consume`).
 
 Every server runs as a child process on a free 127.0.0.1 port with its own temporary storage, and is
 terminated (SIGTERM, then SIGKILL) and reaped in the fixture's teardown.
@@ -10,16 +11,16 @@ import copy
 import os
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-_OPS_DIR = str(Path(__file__).resolve().parent)
-if _OPS_DIR not in sys.path:
-    sys.path.insert(0, _OPS_DIR)
+OPS_DIR = str(Path(__file__).resolve().parent)
+if OPS_DIR not in sys.path:
+    sys.path.insert(0, OPS_DIR)
 
 from _opslib import (  # noqa: E402
     ALERTMANAGER_FILE,
@@ -30,6 +31,7 @@ from _opslib import (  # noqa: E402
     RunningAlertmanager,
     RunningDemo,
     RunningPrometheus,
+    RunningRunner,
     ServerProcess,
     StartPrometheus,
     WebhookReceiver,
@@ -38,16 +40,23 @@ from _opslib import (  # noqa: E402
     require_binary,
 )
 
-# Shortened timings of the e2e configs. Only timings change; every expression, label, annotation, route
-# matcher, receiver and inhibition stays as shipped.
+# Timings of the e2e configs. Prometheus scrapes and evaluates every second (the compose stack: 15 s).
+# Alertmanager runs the shipped routing and timings unchanged. Alert rules keep their expressions,
+# labels and annotations; only `for:` is shortened, except for the alerts whose shipped timing the e2e
+# test measures (SHIPPED_FOR_ALERTS).
+E2E_INTERVAL = "1s"
 TEST_FOR_DURATION = "2s"
+SHIPPED_FOR_ALERTS = frozenset({"StreamwardenCircuitBreakerOpen", "StreamwardenHighErrorRate"})
+# The inhibition test alone shortens Alertmanager's grouping, to deliver within a second.
 TEST_GROUP_WAIT = "1s"
 TEST_GROUP_INTERVAL = "1s"
 
 
-def alertmanager_test_config(shipped: dict[str, Any], webhook_url: str) -> dict[str, Any]:
+def alertmanager_test_config(
+    shipped: dict[str, Any], webhook_url: str, *, shorten_grouping: bool = False
+) -> dict[str, Any]:
     """The shipped Alertmanager config with webhooks sent to ``webhook_url`` (keeping each URL's path,
-    which tells the receivers apart) and group_wait / group_interval shortened."""
+    which tells the receivers apart); with ``shorten_grouping``, group_wait / group_interval of 1 s."""
     config = copy.deepcopy(shipped)
     redirected = 0
     for receiver in config["receivers"]:
@@ -63,17 +72,20 @@ def alertmanager_test_config(shipped: dict[str, Any], webhook_url: str) -> dict[
         for child in route.get("routes", []):
             shorten(child)
 
-    shorten(config["route"])
+    if shorten_grouping:
+        shorten(config["route"])
     return config
 
 
-def rules_with_short_for(shipped: dict[str, Any]) -> dict[str, Any]:
-    """The shipped rules with every alert's ``for:`` shortened so an e2e run fires within seconds.
-    The expressions (and everything else) are the shipped ones."""
+def rules_with_short_for(
+    shipped: dict[str, Any], keep: Collection[str] = SHIPPED_FOR_ALERTS
+) -> dict[str, Any]:
+    """The shipped rules with the ``for:`` of every alert not in ``keep`` shortened, so an e2e run fires
+    them within seconds. The expressions (and everything else) are the shipped ones."""
     rules = copy.deepcopy(shipped)
     for group in rules["groups"]:
         for rule in group["rules"]:
-            if "alert" in rule and "for" in rule:
+            if "alert" in rule and "for" in rule and rule["alert"] not in keep:
                 rule["for"] = TEST_FOR_DURATION
     return rules
 
@@ -85,13 +97,14 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
         yield receiver
 
 
-@pytest.fixture
-def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[RunningAlertmanager]:
-    """A real Alertmanager running the shipped routing, its webhooks pointed at ``webhook_receiver``."""
-    workdir = tmp_path / "alertmanager"
+def _start_alertmanager(
+    workdir: Path, webhook_receiver: WebhookReceiver, *, shorten_grouping: bool
+) -> tuple[ServerProcess, str]:
     (workdir / "data").mkdir(parents=True)
     config_path = workdir / "alertmanager.yml"
-    config = alertmanager_test_config(load_yaml(ALERTMANAGER_FILE), webhook_receiver.url)
+    config = alertmanager_test_config(
+        load_yaml(ALERTMANAGER_FILE), webhook_receiver.url, shorten_grouping=shorten_grouping
+    )
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     port = free_port()
     server = ServerProcess(
@@ -106,7 +119,27 @@ def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[
         ],
         workdir / "alertmanager.log",
     )
-    url = f"http://{HOST}:{port}"
+    return server, f"http://{HOST}:{port}"
+
+
+@pytest.fixture
+def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[RunningAlertmanager]:
+    """A real Alertmanager running the shipped routing and timings, its webhooks pointed at
+    ``webhook_receiver``."""
+    server, url = _start_alertmanager(tmp_path / "alertmanager", webhook_receiver, shorten_grouping=False)
+    try:
+        server.start()
+        server.wait_ready(f"{url}/-/ready")
+        yield RunningAlertmanager(url, server)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fast_alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[RunningAlertmanager]:
+    """The shipped routing with group_wait / group_interval of 1 s (for tests of routing and inhibition
+    alone, where the timings are not what is tested)."""
+    server, url = _start_alertmanager(tmp_path / "alertmanager-fast", webhook_receiver, shorten_grouping=True)
     try:
         server.start()
         server.wait_ready(f"{url}/-/ready")
@@ -117,24 +150,31 @@ def alertmanager(tmp_path: Path, webhook_receiver: WebhookReceiver) -> Iterator[
 
 @pytest.fixture
 def start_prometheus(tmp_path: Path, alertmanager: RunningAlertmanager) -> Iterator[StartPrometheus]:
-    """Start a real Prometheus scraping the given ``host:port`` targets every second, evaluating the
-    shipped rules every second (``for:`` shortened) and sending alerts to ``alertmanager``."""
+    """Start a real Prometheus scraping the given jobs (name -> ``host:port`` targets) every second,
+    evaluating the shipped rules every second (``for:`` shortened except SHIPPED_FOR_ALERTS) and sending
+    alerts to ``alertmanager``."""
     started: list[ServerProcess] = []
 
-    def start(targets: list[str]) -> RunningPrometheus:
+    def start(jobs: Mapping[str, list[str]]) -> RunningPrometheus:
         workdir = tmp_path / f"prometheus-{len(started)}"
         (workdir / "data").mkdir(parents=True)
         rules_path = workdir / RULES_FILE.name
         rules_path.write_text(yaml.safe_dump(rules_with_short_for(load_yaml(RULES_FILE)), sort_keys=False))
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "global": {
+                "scrape_interval": E2E_INTERVAL,
+                "scrape_timeout": E2E_INTERVAL,
+                "evaluation_interval": E2E_INTERVAL,
+            },
             "rule_files": [str(rules_path)],
             "alerting": {
                 "alertmanagers": [
                     {"static_configs": [{"targets": [alertmanager.url.removeprefix("http://")]}]}
                 ]
             },
-            "scrape_configs": [{"job_name": "streamwarden-demo", "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()
+            ],
         }
         config_path = workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -165,6 +205,22 @@ def start_prometheus(tmp_path: Path, alertmanager: RunningAlertmanager) -> Itera
             server.stop()
 
 
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child, without OTLP export to wherever it points and without
+    stray STREAMWARDEN_* settings, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_EXPORTER_OTLP") and not k.startswith("STREAMWARDEN_")
+    }
+    env.update(extra)
+    return env
+
+
+# The demo's producer rate in the e2e tests: the rate of the issue's run, and light on two shared cores.
+DEMO_RATE = "200"
+
+
 @pytest.fixture
 def start_demo(tmp_path: Path) -> Iterator[Callable[[], RunningDemo]]:
     """Start ``streamwarden demo --live`` with its Prometheus endpoint and control API on free ports."""
@@ -178,6 +234,8 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], RunningDemo]]:
                 str(VENV_BIN / "streamwarden"),
                 "demo",
                 "--live",
+                "--rate",
+                DEMO_RATE,
                 "--prometheus-port",
                 str(prometheus_port),
                 "--control-port",
@@ -186,8 +244,7 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], RunningDemo]]:
                 "240",
             ],
             tmp_path / f"demo-{len(started)}.log",
-            # No OTLP export to wherever the environment points: the demo only serves /metrics here.
-            env={k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP")},
+            env=child_environment(),
         )
         started.append(server)
         server.start()
@@ -195,6 +252,63 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], RunningDemo]]:
         server.wait_ready(f"http://{demo.metrics_target}/metrics")
         server.wait_ready(f"{demo.control_url}/status")
         return demo
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+StartRunner = Callable[..., RunningRunner]
+
+
+@pytest.fixture
+def start_runner(tmp_path: Path, redis_url: str) -> Iterator[StartRunner]:
+    """Start ``streamwarden consume`` on the session's redis-server with tests/ops/_ops_handler.py, its
+    /metrics on a free port: ``start_runner(service=, stream=, group=, consumer=, key_prefix=)``."""
+    started: list[ServerProcess] = []
+
+    def start(*, service: str, stream: str, group: str, consumer: str, key_prefix: str) -> RunningRunner:
+        prometheus_port = free_port()
+        server = ServerProcess(
+            f"streamwarden consume ({consumer})",
+            [
+                str(VENV_BIN / "streamwarden"),
+                "consume",
+                "--redis-url",
+                redis_url,
+                "--key-prefix",
+                key_prefix,
+                "--stream",
+                stream,
+                "--group",
+                group,
+                "--consumer",
+                consumer,
+                "--handler",
+                "_ops_handler:handle",
+                "--prometheus-port",
+                str(prometheus_port),
+                "--block-ms",
+                "100",
+                "--claim-idle-ms",
+                "2000",
+                "--claim-every",
+                "0.5",
+                "--shutdown-timeout",
+                "5",
+                "--log-level",
+                "warning",
+            ],
+            tmp_path / f"runner-{consumer}.log",
+            env=child_environment(PYTHONPATH=OPS_DIR, STREAMWARDEN_SERVICE_NAME=service),
+        )
+        started.append(server)
+        server.start()
+        runner = RunningRunner(server, f"{HOST}:{prometheus_port}", service, stream, group, key_prefix)
+        server.wait_ready(f"http://{runner.metrics_target}/metrics")
+        return runner
 
     try:
         yield start

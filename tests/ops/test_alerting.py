@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from _opslib import (
     ALERTMANAGER_FILE,
+    COMPOSE_DIR,
     OPERATIONS_FILE,
     RULE_TESTS_DIR,
     RULES_FILE,
@@ -19,8 +20,11 @@ from _opslib import (
     all_dashboard_panels,
     emitted_metric_names,
     load_yaml,
+    metric_names,
+    parse_duration,
     range_windows,
     recording_rules,
+    route_timings,
     run_tool,
     runbook_anchors,
 )
@@ -111,16 +115,92 @@ def test_runbook_url_anchor_resolves_to_a_heading(alertname: str) -> None:
     assert url.fragment in runbook_anchors()
 
 
+def _window(operations: str) -> str:
+    match = re.fullmatch(r"(?:ratio_)?(?:rate|increase)(\d+[smhd])", operations)
+    assert match, operations
+    return match[1]
+
+
 @pytest.mark.parametrize("name", sorted(RECORDS), ids=sorted(RECORDS))
 def test_recording_rule_names_follow_level_metric_operations(name: str) -> None:
-    """Recording rules are named level:metric:operations, the metric is an emitted one and the window is the expression's."""
+    """Recording rules are named level:metric:operations, the metric is an emitted one, and the window in
+    the name is the expression's: its range selectors and offsets, or the window of the recorded series
+    it divides."""
     level, metric, operations = name.split(":")
     assert re.fullmatch(r"[a-z]+(_[a-z]+)*", level)
     bases = {n.removesuffix("_total") for n in emitted_metric_names()}
     assert any(metric == base or metric.startswith(base + "_") for base in bases), metric
-    window = re.fullmatch(r"(?:ratio_)?rate(\d+[smhd])", operations)
-    assert window, operations
-    assert set(range_windows(RECORDS[name]["expr"])) == {window[1]}
+    window = _window(operations)
+    expr = RECORDS[name]["expr"]
+    windows = set(range_windows(expr)) | set(re.findall(r"\boffset\s+(\d+[smhd])", expr))
+    windows |= {_window(used.split(":")[2]) for used in metric_names(expr) if used in RECORDS}
+    assert windows == {window}, (name, windows)
+
+
+BORN_TOLERANT = re.compile(
+    r"\(\s*(?P<metric>\w+)(?P<sel>\{[^}]*\})?\s+unless\s+(?P=metric)(?P=sel)?\s+offset\s+(?P<w>\d+[smhd])\s*\)"
+    r"\s*\+\s*0\s+or\s+increase\(\s*(?P=metric)(?P=sel)?\[(?P=w)\]\s*\)"
+)
+
+
+@pytest.mark.parametrize("name", sorted(RECORDS), ids=sorted(RECORDS))
+def test_counters_are_read_born_tolerant(name: str) -> None:
+    """Every recording rule that reads a counter reads it with the born-tolerant increase
+    `(x unless x offset W) + 0 or increase(x[W])`, so a series born at its first burst counts it; no
+    rule reads a counter with rate() or a bare increase()."""
+    expr = " ".join(RECORDS[name]["expr"].split())
+    counters = {m for m in metric_names(expr) if m.endswith(("_total", "_count", "_bucket"))}
+    tolerant = {m["metric"] for m in BORN_TOLERANT.finditer(expr)}
+    assert counters == tolerant, (counters, tolerant)
+    assert "rate(" not in expr.replace("ratio_rate", "")
+
+
+def test_alerts_read_counters_only_through_recording_rules() -> None:
+    """No alert expression applies rate() or increase() to a counter itself: they go through the
+    born-tolerant recording rules."""
+    for name, rule in ALERTS.items():
+        counters = {m for m in metric_names(rule["expr"]) if m.endswith(("_total", "_count", "_bucket"))}
+        assert counters == set(), (name, counters)
+
+
+def _counters_of(expr: str) -> set[str]:
+    """The counters an expression reads, through the recording rules it uses."""
+    found: set[str] = set()
+    for name in metric_names(expr):
+        if name in RECORDS:
+            found |= _counters_of(RECORDS[name]["expr"])
+        elif name.endswith(("_total", "_count", "_bucket")):
+            found.add(name)
+    return found
+
+
+COUNTER_ALERTS = sorted(name for name, rule in ALERTS.items() if _counters_of(rule["expr"]))
+
+
+def _series_name(series: str) -> str:
+    return series.split("{", 1)[0]
+
+
+@pytest.mark.parametrize("alertname", COUNTER_ALERTS, ids=COUNTER_ALERTS)
+def test_every_counter_alert_fires_on_a_series_that_starts_absent(alertname: str) -> None:
+    """Each alert on a counter has a promtool case where it fires and one of the counters it reads has
+    no sample at first (`_` / `_xN`) and is then born at a burst: the alert sees that first burst."""
+    counters = _counters_of(ALERTS[alertname]["expr"])
+    found = []
+    for path in RULE_TEST_FILES:
+        for test in load_yaml(path)["tests"]:
+            fires = any(
+                case["alertname"] == alertname and case.get("exp_alerts")
+                for case in test.get("alert_rule_test", [])
+            )
+            absent_first = [
+                s["series"]
+                for s in test["input_series"]
+                if _series_name(s["series"]) in counters and str(s["values"]).split()[0].startswith("_")
+            ]
+            if fires and absent_first:
+                found.append(test["name"])
+    assert found, f"{alertname}: no promtool case fires on an absent-then-born series of {counters}"
 
 
 # --- Alertmanager --------------------------------------------------------------------------------
@@ -171,6 +251,57 @@ def test_every_alert_routes_to_the_receiver_of_its_severity(alertname: str) -> N
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# --- timing ----------------------------------------------------------------------------------------
+
+PAGE_WITHIN = 60.0
+RESOLVED_WITHIN = 60.0
+
+
+def _compose_intervals() -> tuple[float, float]:
+    config = load_yaml(COMPOSE_DIR / "prometheus.yml")["global"]
+    return parse_duration(config["scrape_interval"]), parse_duration(config["evaluation_interval"])
+
+
+def test_breaker_pages_within_60s_of_opening_with_the_shipped_timings() -> None:
+    """Worst case from a breaker opening to the page, with the compose stack's 15 s scrape and evaluation:
+    the scrape that sees it, the evaluation that sees the scrape, `for:`, the critical route's
+    group_wait."""
+    scrape, evaluation = _compose_intervals()
+    rule = ALERTS["StreamwardenCircuitBreakerOpen"]
+    timings = route_timings(load_yaml(ALERTMANAGER_FILE), rule["labels"])
+    worst = scrape + evaluation + parse_duration(rule["for"]) + timings["group_wait"]
+    assert worst <= PAGE_WITHIN, (worst, timings)
+    # `for:` is a whole number of evaluations (else the page waits for the next one).
+    assert parse_duration(rule["for"]) % evaluation == 0
+
+
+def test_breaker_resolves_within_60s_of_closing_with_the_shipped_timings() -> None:
+    """Worst case from a breaker closing to the resolved notification: the scrape and the evaluation that
+    see it (Prometheus sends the resolution at once), then the group's next group_interval tick."""
+    scrape, evaluation = _compose_intervals()
+    rule = ALERTS["StreamwardenCircuitBreakerOpen"]
+    timings = route_timings(load_yaml(ALERTMANAGER_FILE), rule["labels"])
+    worst = scrape + evaluation + timings["group_interval"]
+    assert worst <= RESOLVED_WITHIN, (worst, timings)
+    assert "keep_firing_for" not in rule
+
+
+def test_the_documented_timing_arithmetic_is_the_shipped_one() -> None:
+    """alertmanager.yml and docs/operations.md state the critical route's timings and the two worst cases
+    as the files make them."""
+    scrape, evaluation = _compose_intervals()
+    rule = ALERTS["StreamwardenCircuitBreakerOpen"]
+    timings = route_timings(load_yaml(ALERTMANAGER_FILE), rule["labels"])
+    page = scrape + evaluation + parse_duration(rule["for"]) + timings["group_wait"]
+    resolved = scrape + evaluation + timings["group_interval"]
+    for doc in (ALERTMANAGER_FILE, OPERATIONS_FILE):
+        text = doc.read_text(encoding="utf-8")
+        assert f"= {page:.0f} s" in text, doc.name
+        assert f"= {resolved:.0f} s" in text, doc.name
+        assert f"group_wait {timings['group_wait']:.0f} s" in text, doc.name
+        assert f"group_interval {timings['group_interval']:.0f} s" in text, doc.name
+
+
 def test_every_webhook_sends_resolved_notifications() -> None:
     """Every receiver is a webhook with send_resolved: true."""
     config = load_yaml(ALERTMANAGER_FILE)
@@ -181,22 +312,39 @@ def test_every_webhook_sends_resolved_notifications() -> None:
         assert all(w["send_resolved"] is True for w in receiver["webhook_configs"]), receiver["name"]
 
 
-INHIBITED_BY_BREAKER = ("StreamwardenHighErrorRate", "StreamwardenConsumerStalled")
+INHIBITIONS = {
+    "StreamwardenCircuitBreakerOpen": (
+        "StreamwardenHighErrorRate",
+        "StreamwardenConsumerStalled",
+        "StreamwardenConsumerPendingAge",
+    ),
+    "StreamwardenTargetDown": ("StreamwardenMetricsAbsent",),
+}
 
 
-def test_breaker_open_inhibits_error_rate_and_stalled_consumer_of_the_same_service() -> None:
-    """The inhibition names existing alerts, and all of them carry the service_name it matches on (promtool exp_labels)."""
-    (rule,) = load_yaml(ALERTMANAGER_FILE)["inhibit_rules"]
-    assert rule["source_matchers"] == ['alertname="StreamwardenCircuitBreakerOpen"']
-    assert rule["target_matchers"] == [f'alertname=~"{"|".join(INHIBITED_BY_BREAKER)}"']
-    assert rule["equal"] == ["service_name"]
-    for alertname in ("StreamwardenCircuitBreakerOpen", *INHIBITED_BY_BREAKER):
-        assert alertname in ALERTS
-        fired = [
-            a for c in _unit_test_cases() if c["alertname"] == alertname for a in c.get("exp_alerts") or []
-        ]
-        assert fired
-        assert all("service_name" in a["exp_labels"] for a in fired)
+def test_inhibitions_name_existing_alerts_of_the_same_service() -> None:
+    """An open breaker inhibits the error-rate, stalled-consumer and pending-age alerts of its service; a
+    dead target its service's MetricsAbsent. Every alert named exists and carries the service_name the
+    inhibition matches on (promtool exp_labels)."""
+    rules = load_yaml(ALERTMANAGER_FILE)["inhibit_rules"]
+    assert len(rules) == len(INHIBITIONS)
+    for rule in rules:
+        (source,) = rule["source_matchers"]
+        source_name = source.removeprefix('alertname="').removesuffix('"')
+        targets = INHIBITIONS[source_name]
+        expected = f'alertname=~"{"|".join(targets)}"' if len(targets) > 1 else f'alertname="{targets[0]}"'
+        assert rule["target_matchers"] == [expected]
+        assert rule["equal"] == ["service_name"]
+        for alertname in (source_name, *targets):
+            assert alertname in ALERTS
+            fired = [
+                a
+                for c in _unit_test_cases()
+                if c["alertname"] == alertname
+                for a in c.get("exp_alerts") or []
+            ]
+            assert fired
+            assert all("service_name" in a["exp_labels"] for a in fired)
 
 
 # --- runbooks ------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ import pytest
 import yaml
 from _opslib import (
     PROVISIONING_DIR,
+    RUNBOOKS_FILE,
+    alert_rules,
     all_dashboard_panels,
     counters_outside_rate,
     dashboard_files,
@@ -20,8 +24,11 @@ from _opslib import (
     parse_label_values,
     range_windows,
     run_tool,
+    runbook_anchors,
     variable_queries,
 )
+
+from streamwarden._types import Outcome
 
 DASHBOARDS = {path.name: load_json(path) for path in dashboard_files()}
 PANELS = all_dashboard_panels()
@@ -161,6 +168,14 @@ REQUIRED_ON_OVERVIEW = [
     "streamwarden_consumer_lag",
     "streamwarden_consumer_pending",
     "streamwarden_consumer_lost_total",
+    "streamwarden_consumer_oldest_pending_age_seconds",
+    "streamwarden_dlq_write_errors_total",
+    "streamwarden_invalid_messages_total",
+    "streamwarden_dlq_replays_total",
+    "streamwarden_circuit_breaker_failures",
+    "streamwarden_circuit_breaker_threshold",
+    "streamwarden_circuit_breaker_retry_after_seconds",
+    "streamwarden_retry_outcomes_total",
 ]
 
 
@@ -219,3 +234,162 @@ def test_dashboard_provider_loads_files_read_only() -> None:
     assert provider["type"] == "file"
     assert provider["allowUiUpdates"] is False
     assert provider["options"]["path"]
+
+
+# --- outcome-correct top-line signals -----------------------------------------------------------------
+
+TOP_LINE = ("Throughput", "Success rate", "Error rate", "Dedup hit rate", "p99 latency")
+NOT_ATTEMPTS = ("deferred", "in_progress")
+_MESSAGES_SELECTOR = re.compile(r"streamwarden_messages_total\{([^}]*)\}")
+_OUTCOME_MATCHER = re.compile(r'streamwarden_outcome\s*(=~|=|!=|!~)\s*"([^"]*)"')
+
+
+def _outcomes_selected(selector: str) -> set[str]:
+    """The outcomes a streamwarden_messages_total selector matches."""
+    match = _OUTCOME_MATCHER.search(selector)
+    if match is None:
+        return {o.value for o in Outcome}
+    op, value = match.groups()
+    hits = {o.value for o in Outcome if re.fullmatch(value, o.value)}
+    return hits if op in ("=", "=~") else {o.value for o in Outcome} - hits
+
+
+def _panel(title: str) -> Mapping[str, Any]:
+    (panel,) = [p for name, p in PANELS if name == OVERVIEW and p["title"] == title]
+    return panel
+
+
+@pytest.mark.parametrize("title", TOP_LINE, ids=TOP_LINE)
+def test_top_line_panels_count_no_deferred_or_refused_delivery(title: str) -> None:
+    """The top-line stats are over attempted messages: no streamwarden_messages_total selector of theirs
+    matches a deferred or in-progress delivery, so an outage that redelivers everything cannot raise
+    throughput or dilute a rate; the p99 comes from the histogram of handler runs only."""
+    panel = _panel(title)
+    assert panel["type"] == "stat"
+    for target in _targets(panel):
+        for selector in _MESSAGES_SELECTOR.findall(target["expr"]):
+            selected = _outcomes_selected(selector)
+            assert not selected & set(NOT_ATTEMPTS), (title, selector)
+    if title == "Throughput":
+        (target,) = _targets(panel)
+        (selector,) = _MESSAGES_SELECTOR.findall(target["expr"])
+        assert _outcomes_selected(selector) == {"processed", "dead_lettered", "failed"}
+    if title == "p99 latency":
+        (target,) = _targets(panel)
+        assert metric_names(target["expr"]) == {"messaging_process_duration_seconds_bucket"}
+        assert target["expr"].startswith("histogram_quantile(0.99, sum by (le) (rate(")
+
+
+def test_dedup_hit_rate_is_over_claimed_messages() -> None:
+    """Dedup hit rate: duplicates over duplicates plus attempted messages, less the invalid ones (never
+    claimed); a denominator of 0 shows no data rather than 0%."""
+    (target,) = _targets(_panel("Dedup hit rate"))
+    expr = target["expr"]
+    numerator, _, denominator = expr.partition(" / ")
+    assert [_outcomes_selected(s) for s in _MESSAGES_SELECTOR.findall(numerator)] == [{"duplicate"}]
+    assert [_outcomes_selected(s) for s in _MESSAGES_SELECTOR.findall(denominator)] == [
+        {"duplicate", "processed", "dead_lettered", "failed"}
+    ]
+    assert "- (sum(rate(streamwarden_invalid_messages_total{" in denominator
+    assert denominator.rstrip().endswith("> 0)")
+
+
+def test_deferrals_and_refusals_have_their_own_panel() -> None:
+    """One panel shows the deliveries that were not attempts: deferred and in-progress outcomes and the
+    calls an open breaker refused."""
+    panel = _panel("Deferred and refused deliveries")
+    selectors = [s for t in _targets(panel) for s in _MESSAGES_SELECTOR.findall(t["expr"])]
+    assert [_outcomes_selected(s) for s in selectors] == [set(NOT_ATTEMPTS)]
+    assert any(
+        "streamwarden_circuit_breaker_rejections_total" in metric_names(t["expr"]) for t in _targets(panel)
+    )
+
+
+def test_dlq_depth_is_never_summed_over_instances() -> None:
+    """Every query of streamwarden_dlq_depth takes the largest report per destination first (several
+    processes may report one queue), and sums at most over destinations after that."""
+    exprs = [t["expr"] for _, p in PANELS for t in _targets(p) if "streamwarden_dlq_depth" in t["expr"]]
+    assert len(exprs) >= 2
+    for expr in exprs:
+        for match in re.finditer(r"streamwarden_dlq_depth", expr):
+            before = expr[: match.start()]
+            assert before.endswith("max by (messaging_destination_name) ("), expr
+
+
+BREAKDOWNS = {
+    "Attempted messages by destination": "streamwarden_messages_total",
+    "Error rate by destination": "streamwarden_messages_total",
+    "p99 latency by destination": "messaging_process_duration_seconds_bucket",
+}
+
+
+@pytest.mark.parametrize("title", sorted(BREAKDOWNS), ids=sorted(BREAKDOWNS))
+def test_per_service_and_destination_breakdowns(title: str) -> None:
+    """Throughput, error rate and latency are also shown per service and destination."""
+    panel = _panel(title)
+    for target in _targets(panel):
+        assert BREAKDOWNS[title] in metric_names(target["expr"])
+        assert re.search(r"sum by \((?:le, )?service_name, messaging_destination_name\)", target["expr"])
+        assert "{{service_name}} / {{messaging_destination_name}}" in target["legendFormat"]
+
+
+# --- links ------------------------------------------------------------------------------------------
+
+RUNBOOK_URL = "https://github.com/streamwarden/streamwarden/blob/main/docs/runbooks.md"
+
+
+def _all_links() -> list[tuple[str, Mapping[str, Any]]]:
+    links = [(f"dashboard:{link['title']}", link) for link in DASHBOARDS[OVERVIEW]["links"]]
+    links += [(f"{p['title']}:{link['title']}", link) for _, p in PANELS for link in p.get("links", [])]
+    return links
+
+
+def test_every_runbook_link_resolves_and_every_alert_has_a_panel_linking_its_runbook() -> None:
+    """Panels link the runbook section of the alert that watches them: each link's anchor is a heading of
+    docs/runbooks.md, and every alert's section is linked from at least one panel (the critical
+    DLQWriteFailing too: it has a panel to look at)."""
+    anchors = runbook_anchors()
+    linked: set[str] = set()
+    for where, link in _all_links():
+        url = urllib.parse.urlsplit(link["url"])
+        if url.geturl().startswith(RUNBOOK_URL):
+            assert url.fragment == "" or url.fragment in anchors, where
+            linked.add(url.fragment)
+    assert RUNBOOKS_FILE.name in RUNBOOK_URL
+    assert "" in linked  # the dashboard links the runbooks themselves
+    assert {rule["alert"].lower() for rule in alert_rules()} <= linked
+
+
+def _tempo_uid() -> str:
+    (tempo,) = [s for s in _datasources().values() if s["type"] == "tempo"]
+    uid: str = tempo["uid"]
+    return uid
+
+
+TEMPO_OUTCOMES = ("dead_lettered", "deferred", "failed")
+
+
+@pytest.mark.parametrize("outcome", TEMPO_OUTCOMES, ids=TEMPO_OUTCOMES)
+def test_tempo_links_search_traces_by_service_and_outcome(outcome: str) -> None:
+    """A link opens Grafana Explore on the provisioned Tempo data source with a TraceQL search for the
+    selected services' process spans of one outcome (the span attribute streamwarden.outcome), in the
+    dashboard's time range; substituted as Grafana does, the pane is valid JSON."""
+    found = []
+    for where, link in _all_links():
+        url = urllib.parse.urlsplit(link["url"])
+        if url.path != "/explore":
+            continue
+        query = dict(urllib.parse.parse_qsl(url.query.replace("${service:pipe}", "orders|billing")))
+        panes = json.loads(
+            query["panes"].replace("${__from}", "1700000000000").replace("${__to}", "1700000600000")
+        )
+        for pane in panes.values():
+            (tempo_query,) = pane["queries"]
+            assert pane["datasource"] == tempo_query["datasource"]["uid"] == _tempo_uid(), where
+            assert tempo_query["queryType"] == "traceql"
+            assert 'resource.service.name =~ "orders|billing"' in tempo_query["query"]
+            if f'span.streamwarden.outcome = "{outcome}"' in tempo_query["query"]:
+                found.append(where)
+    assert outcome in {o.value for o in Outcome}
+    assert any(where.startswith("Throughput by outcome:") for where in found), found
+    assert any(where.startswith("dashboard:") for where in found), found

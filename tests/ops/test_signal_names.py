@@ -1,10 +1,11 @@
 """Every metric the dashboards and rules name is one the code emits (streamwarden._names), a recording
-rule, or an explicitly listed metric of the not-yet-built Redis Streams runner."""
+rule, or `up` (Prometheus's own, for the liveness alert)."""
 
 from __future__ import annotations
 
 import pytest
 from _opslib import (
+    PROMETHEUS_BUILTIN_METRICS,
     RUNNER_ONLY_METRICS,
     alert_rules,
     all_dashboard_panels,
@@ -21,7 +22,7 @@ from _opslib import (
 from streamwarden import _names
 
 EMITTED = emitted_metric_names()
-KNOWN = EMITTED | recording_rule_names() | RUNNER_ONLY_METRICS
+KNOWN = EMITTED | recording_rule_names() | RUNNER_ONLY_METRICS | PROMETHEUS_BUILTIN_METRICS
 
 RULES = [(r.get("alert") or r["record"], r["expr"]) for r in recording_rules() + alert_rules()]
 PANEL_EXPRS = [
@@ -47,7 +48,7 @@ def test_emitted_names_follow_the_prometheus_spelling_rule() -> None:
 
 @pytest.mark.parametrize(("rule", "expr"), RULES, ids=[r for r, _ in RULES])
 def test_rule_names_only_known_metrics(rule: str, expr: str) -> None:
-    """Each rule expression selects only emitted, recorded or runner-only metrics."""
+    """Each rule expression selects only emitted or recorded metrics, or `up`."""
     names = metric_names(expr)
     assert names
     assert names <= KNOWN, names - KNOWN
@@ -55,7 +56,7 @@ def test_rule_names_only_known_metrics(rule: str, expr: str) -> None:
 
 @pytest.mark.parametrize(("panel", "expr"), PANEL_EXPRS, ids=[p for p, _ in PANEL_EXPRS])
 def test_panel_names_only_known_metrics(panel: str, expr: str) -> None:
-    """Each panel query selects only emitted, recorded or runner-only metrics."""
+    """Each panel query selects only emitted or recorded metrics."""
     names = metric_names(expr)
     assert names
     assert names <= KNOWN, names - KNOWN
@@ -68,11 +69,14 @@ def test_variable_queries_use_emitted_metrics(variable: str, selector: str) -> N
 
 
 def test_runner_only_metrics_are_used_and_spelled_as_the_code_spells_them() -> None:
-    """The runner-only metrics are used by a rule or panel, and once _names defines one its Prometheus name is ours."""
+    """The runner-only metrics are used by a rule or panel, and each is a Prometheus name of _names."""
     used = {n for _, e in RULES + PANEL_EXPRS for n in metric_names(e)}
     assert used >= RUNNER_ONLY_METRICS
-    for prom_name in RUNNER_ONLY_METRICS:
-        # streamwarden_consumer_lost_total -> streamwarden.consumer.lost
-        otel_name = prom_name.removesuffix("_total").replace("_", ".", 2)
-        if otel_name in _names.PROMETHEUS_NAMES:
-            assert _names.PROMETHEUS_NAMES[otel_name] == prom_name
+    assert set(_names.PROMETHEUS_NAMES.values()) >= RUNNER_ONLY_METRICS
+
+
+def test_rules_use_prometheus_builtins_only_where_listed() -> None:
+    """`up` is the one series of Prometheus's own the rules use (the liveness alert), and no panel needs it."""
+    rule_builtins = {n for _, e in RULES for n in metric_names(e)} & PROMETHEUS_BUILTIN_METRICS
+    assert rule_builtins == PROMETHEUS_BUILTIN_METRICS
+    assert not {n for _, e in PANEL_EXPRS for n in metric_names(e)} & PROMETHEUS_BUILTIN_METRICS

@@ -376,6 +376,7 @@ class ConsumerRunner:
         self.handler = handler
         self.layer = layer
         self._bind_group(layer, transport.group, transport.name)
+        layer.prepare(transport.destination)
         self._clock = clock
         self._sleep = sleep
         self._backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
