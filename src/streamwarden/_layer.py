@@ -249,8 +249,13 @@ class ReliabilityLayer:
         self.metrics_collector = MetricsCollector(
             redis_client, service_name=settings.service_name, key_prefix=settings.key_prefix
         )
-        self.breakers = breakers or BreakerRegistry(
-            settings.breaker_policy(), classifier=classifier, clock=clock
+        # shared by the layers of this service in this process (see Telemetry.breaker_registry)
+        self.breakers = (
+            breakers
+            if breakers is not None
+            else self.telemetry.breaker_registry(
+                settings.breaker_policy(), classifier=classifier, clock=clock
+            )
         )
         self.breakers.on_create(self._watch_breaker)
         self.circuit_breaker: CircuitBreaker = self.breakers.get(settings.circuit_breaker_name)

@@ -28,7 +28,15 @@ from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, Span, SpanKind
 
 from . import _names as n
-from ._breaker import BreakerRejection, BreakerState, BreakerTransition, CircuitBreaker
+from ._breaker import (
+    BreakerPolicy,
+    BreakerRegistry,
+    BreakerRejection,
+    BreakerState,
+    BreakerTransition,
+    CircuitBreaker,
+)
+from ._classify import ErrorClassifier
 from ._dlq import DeadLetterReason
 from ._types import DedupResult, Outcome
 
@@ -166,6 +174,7 @@ class Telemetry:
         self._lock = threading.Lock()
         self._dlq_depth_sources: list[Callable[[], Mapping[str, int]]] = []
         self._breakers: list[CircuitBreaker] = []
+        self._registries: dict[tuple[BreakerPolicy, Callable[[], float]], BreakerRegistry] = {}
         self._service_attrs = {n.ATTR_SERVICE_NAME: service_name}
 
         self.duration = meter.create_histogram(
@@ -542,6 +551,23 @@ class Telemetry:
                 n.EVENT_DEAD_LETTERED,
                 {n.ATTR_DLQ_REASON: reason, n.ATTR_DLQ_ENTRY_ID: entry_id, n.ATTR_ERROR_TYPE: error_type},
             )
+
+    def breaker_registry(
+        self, policy: BreakerPolicy, *, classifier: ErrorClassifier | None, clock: Callable[[], float]
+    ) -> BreakerRegistry:
+        """The breakers of this service in this process (one registry per policy and clock).
+
+        A breaker stands for a dependency of the service: two layers of one service in one process that
+        name the same breaker share its state (one opening it stops the other from calling the failing
+        dependency) and its signals (one state per name). Pass ``breakers=`` to a layer for a registry
+        of its own.
+        """
+        key = (policy, clock)
+        with self._lock:
+            registry = self._registries.get(key)
+            if registry is None:
+                registry = self._registries[key] = BreakerRegistry(policy, classifier=classifier, clock=clock)
+        return registry
 
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Emit status, transition and rejection signals for ``breaker`` (once per breaker)."""

@@ -78,3 +78,22 @@ async def test_dlq_depth_is_exported_by_one_process_per_destination(
     finally:
         first_otel.shutdown()
         second_otel.shutdown()
+
+
+async def test_dlq_span_names_the_real_queue_and_signals_carry_the_schema_url(
+    redis_client: redis.asyncio.Redis, otel: Otel
+) -> None:
+    """The ``send {destination}.dlq`` span's messaging.destination.name is the Redis key the entry went
+    to (it said ``orders.dlq`` while the key is ``streamwarden:dlq:orders``), and the instrumentation
+    scope of spans and metrics carries the semantic-conventions schema URL."""
+    layer = build_layer(redis_client, otel, max_retries=0, destination="orders")
+    assert (await layer.process({"id": "q"}, broken)).outcome is sw.Outcome.DEAD_LETTERED
+    (send,) = otel.spans("send orders.dlq")
+    assert send.attributes is not None
+    assert send.attributes[n.ATTR_MESSAGING_DESTINATION] == "streamwarden:dlq:orders"
+    assert send.instrumentation_scope is not None
+    assert send.instrumentation_scope.schema_url == n.SCHEMA_URL
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    scopes = {sm.scope.name: sm.scope.schema_url for rm in data.resource_metrics for sm in rm.scope_metrics}
+    assert scopes[n.INSTRUMENTATION_NAME] == n.SCHEMA_URL

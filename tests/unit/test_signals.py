@@ -109,13 +109,25 @@ async def test_duplicate_and_in_progress_events_say_what_the_claim_answered(
     assert dict(in_progress.attributes or {}) == {n.ATTR_DEDUP_RESULT: "in_progress"}
 
 
-async def test_two_layers_of_one_service_report_one_state_per_breaker_name(
+async def test_two_layers_of_one_service_share_their_breaker(
     otel: Otel, clock: Clock, sleep: RecordingSleep
 ) -> None:
-    """Two layers of one service in one process, each with its own breaker of the same name: the status
-    gauge reports one state for the name (the least healthy), never closed=1 and open=1 at once."""
+    """Two layers of one service in one process name one dependency's breaker: it is one breaker, so
+    when it opens the other layer stops calling the failing dependency too."""
     first = layer_for(otel, clock, sleep)
     second = layer_for(otel, clock, sleep)
+    assert first.circuit_breaker is second.circuit_breaker
+    first.circuit_breaker.force_open(30.0)
+    assert (await second.process({"id": "s"}, ok)).outcome is sw.Outcome.DEFERRED
+
+
+async def test_breakers_of_one_name_in_separate_registries_report_one_state(
+    otel: Otel, clock: Clock, sleep: RecordingSleep
+) -> None:
+    """Layers given registries of their own (breakers=) still export one state per breaker name, the
+    least healthy: never closed=1 and open=1 at once for one name."""
+    first = layer_for(otel, clock, sleep, breakers=sw.BreakerRegistry(clock=clock))
+    second = layer_for(otel, clock, sleep, breakers=sw.BreakerRegistry(clock=clock))
     assert first.circuit_breaker is not second.circuit_breaker
     second.circuit_breaker.force_open(30.0)
     status = {
