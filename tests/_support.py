@@ -26,6 +26,7 @@ __all__ = [
     "LAYER_OPTIONS",
     "Clock",
     "Otel",
+    "OtlpTraceReceiver",
     "RecordingSleep",
     "build_layer",
     "eventually",
@@ -197,3 +198,38 @@ def wait_until(probe: Callable[[], _T | None], *, timeout: float, interval: floa
             suffix = f" (last error: {last_error!r})" if last_error else ""
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{suffix}")
         time.sleep(interval)
+
+
+class OtlpTraceReceiver:
+    """A real OTLP/gRPC trace receiver on a free loopback port: ``with OtlpTraceReceiver() as r`` and
+    point ``OTEL_EXPORTER_OTLP_ENDPOINT`` at ``r.endpoint``; ``r.spans`` holds every span received."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans: list[Any] = []
+        received = self.spans
+
+        class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: Any, context: Any) -> Any:
+                received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> OtlpTraceReceiver:
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.stop(None)
+
+    def named(self, name: str) -> list[Any]:
+        """The received spans called ``name``."""
+        return [s for s in self.spans if s.name == name]

@@ -14,7 +14,7 @@ from _fixtures_dlq import Handler, entry, make_layer
 from click.testing import CliRunner
 from opentelemetry.trace import SpanKind
 
-from _support import Clock, Otel, RecordingSleep
+from _support import Clock, Otel, OtlpTraceReceiver, RecordingSleep
 from streamwarden import Envelope, InMemoryDeadLetterStore, Outcome
 from streamwarden import _names as n
 from streamwarden._cli._ops import register
@@ -476,52 +476,31 @@ async def test_a_refailed_replay_keeps_the_service_and_every_failed_trace(
 
 
 async def test_cli_replay_exports_its_spans_over_otlp(
-    store: RedisDeadLetterStore, otel: Otel, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    store: RedisDeadLetterStore, otel: Otel, redis_url: str
 ) -> None:
     """``streamwarden dlq replay`` honours OTEL_EXPORTER_OTLP_ENDPOINT: a real OTLP/gRPC receiver on
     loopback gets the replay span, linked to the failed attempt."""
     import subprocess
     import sys
-    from concurrent import futures
 
-    import grpc
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-    received: list[Any] = []
-
-    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
-        def Export(self, request: Any, context: Any) -> Any:
-            received.extend(s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans)
-            return trace_service_pb2.ExportTraceServiceResponse()
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with OtlpTraceReceiver() as receiver:
         layer = make_layer(store, otel=otel)
         assert (await layer.process({"id": "otlp-1"}, Handler(fail=True))).outcome is Outcome.DEAD_LETTERED
         (entry,) = await store.list()
-        here = TESTS_REDIS
         env = {
             **os.environ,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_EXPORTER_OTLP_INSECURE": "true",
             "OTEL_METRICS_EXPORTER": "none",
-            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)]),
+            "PYTHONPATH": os.pathsep.join([str(TESTS_REDIS), str(TESTS_REDIS.parent)]),
         }
         done = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-c", "from streamwarden._cli import main; main()", "dlq", "replay",
              "--redis-url", redis_url, "--handler", "_fixtures_dlq:ok_handler", "--rate", "0"],
-            env=env,
-            capture_output=True, text=True, timeout=60, check=False,
+            env=env, capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
-        names = [s.name for s in received]
-        assert "process orders.dlq" in names, names
-        (replay_span,) = [s for s in received if s.name == "process orders.dlq"]
-        assert entry.trace_id is not None
-        assert [link.trace_id.hex() for link in replay_span.links][:1] == [entry.trace_id]
-    finally:
-        server.stop(None)
+    (replay_span,) = receiver.named("process orders.dlq")
+    assert entry.trace_id is not None
+    assert [link.trace_id.hex() for link in replay_span.links][:1] == [entry.trace_id]

@@ -71,3 +71,41 @@ def test_redis_demo_runs_twice_and_touches_only_its_own_keys(redis_server_per_te
         assert client.xlen(f"streamwarden:dlq:{DEMO_STREAM}") == sum(second["dlq_reasons"].values())  # type: ignore[union-attr]
     finally:
         client.close()
+
+
+def test_redis_demo_links_every_consumer_span_to_its_producer(redis_server_per_test: RedisServer) -> None:
+    """``demo --redis-url`` with OTLP on: the producer writes a ``send`` span and its traceparent with
+    each entry, and the consumers' process spans link to them (0 of 4,464 were linked before); the report
+    names the trace of every dead letter, and that trace was exported."""
+    import os
+    import subprocess
+    import sys
+
+    from _support import OtlpTraceReceiver
+
+    with OtlpTraceReceiver() as receiver:
+        env = {
+            **os.environ,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", "from streamwarden._cli import main; main()", "demo", "--redis-url",
+             redis_server_per_test.url, "--messages", "300", "--rate", "3000", "--json"],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["reconciled"] is True, report["problems"]
+    sends = {span.span_id for span in receiver.named(f"send {DEMO_STREAM}")}
+    processes = receiver.named(f"process {DEMO_STREAM}")
+    assert len(sends) >= report["produced"]
+    linked = [p for p in processes if any(link.span_id in sends for link in p.links)]
+    assert processes
+    assert len(linked) == len(processes)
+    exported_traces = {span.trace_id.hex() for span in receiver.spans}
+    dead = report["dead_letters"]
+    assert dead
+    assert all(line["trace_id"] in exported_traces for line in dead), dead
