@@ -7,6 +7,7 @@ Nothing here fakes Prometheus or Alertmanager: the e2e fixtures run the real bin
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -497,6 +498,26 @@ class RunningPrometheus:
 StartPrometheus = Callable[[Mapping[str, list[str]]], RunningPrometheus]
 
 
+# Timings of the e2e configs (tests/ops/conftest.py builds them): Prometheus scrapes and evaluates every
+# second; the alerts whose shipped timing the e2e test measures keep their shipped `for:`.
+E2E_INTERVAL = "1s"
+SHIPPED_FOR_ALERTS = frozenset({"StreamwardenCircuitBreakerOpen", "StreamwardenHighErrorRate"})
+#: This folder, for a child's PYTHONPATH (tests/ops/_ops_handler.py).
+OPS_DIR = str(Path(__file__).resolve().parent)
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment for a child, without OTLP export to wherever it points and without
+    stray STREAMWARDEN_* settings, plus ``extra``."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OTEL_EXPORTER_OTLP") and not k.startswith("STREAMWARDEN_")
+    }
+    env.update(extra)
+    return env
+
+
 @dataclass(frozen=True)
 class RunningRunner:
     """One ``streamwarden consume`` process (the Redis Streams runner) with its /metrics endpoint."""
@@ -644,3 +665,6 @@ class StreamFeeder:
         self._stop.set()
         self._thread.join(timeout=10)
         self._client.close()
+
+
+StartRunner = Callable[..., RunningRunner]

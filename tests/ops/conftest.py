@@ -8,7 +8,6 @@ terminated (SIGTERM, then SIGKILL) and reaped in the fixture's teardown.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -18,14 +17,17 @@ from typing import Any
 import pytest
 import yaml
 
-OPS_DIR = str(Path(__file__).resolve().parent)
-if OPS_DIR not in sys.path:
-    sys.path.insert(0, OPS_DIR)
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 from _opslib import (  # noqa: E402
     ALERTMANAGER_FILE,
+    E2E_INTERVAL,
     HOST,
+    OPS_DIR,
     RULES_FILE,
+    SHIPPED_FOR_ALERTS,
     VENV_BIN,
     PrometheusApi,
     RunningAlertmanager,
@@ -34,7 +36,9 @@ from _opslib import (  # noqa: E402
     RunningRunner,
     ServerProcess,
     StartPrometheus,
+    StartRunner,
     WebhookReceiver,
+    child_environment,
     free_port,
     load_yaml,
     require_binary,
@@ -44,9 +48,7 @@ from _opslib import (  # noqa: E402
 # Alertmanager runs the shipped routing and timings unchanged. Alert rules keep their expressions,
 # labels and annotations; only `for:` is shortened, except for the alerts whose shipped timing the e2e
 # test measures (SHIPPED_FOR_ALERTS).
-E2E_INTERVAL = "1s"
 TEST_FOR_DURATION = "2s"
-SHIPPED_FOR_ALERTS = frozenset({"StreamwardenCircuitBreakerOpen", "StreamwardenHighErrorRate"})
 # The inhibition test alone shortens Alertmanager's grouping, to deliver within a second.
 TEST_GROUP_WAIT = "1s"
 TEST_GROUP_INTERVAL = "1s"
@@ -205,18 +207,6 @@ def start_prometheus(tmp_path: Path, alertmanager: RunningAlertmanager) -> Itera
             server.stop()
 
 
-def child_environment(**extra: str) -> dict[str, str]:
-    """This process's environment for a child, without OTLP export to wherever it points and without
-    stray STREAMWARDEN_* settings, plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OTEL_EXPORTER_OTLP") and not k.startswith("STREAMWARDEN_")
-    }
-    env.update(extra)
-    return env
-
-
 # The demo's producer rate in the e2e tests: the rate of the issue's run, and light on two shared cores.
 DEMO_RATE = "200"
 
@@ -258,9 +248,6 @@ def start_demo(tmp_path: Path) -> Iterator[Callable[[], RunningDemo]]:
     finally:
         for server in started:
             server.stop()
-
-
-StartRunner = Callable[..., RunningRunner]
 
 
 @pytest.fixture

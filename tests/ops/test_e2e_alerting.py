@@ -23,11 +23,14 @@ import pytest
 from _opslib import (
     ALERTMANAGER_FILE,
     E2E_ABSENT_METRICS,
+    E2E_INTERVAL,
+    SHIPPED_FOR_ALERTS,
     PrometheusApi,
     RunningAlertmanager,
     RunningDemo,
     RunningRunner,
     StartPrometheus,
+    StartRunner,
     StreamFeeder,
     WebhookReceiver,
     alert_rules,
@@ -44,7 +47,6 @@ from _opslib import (
 
 import redis
 from _support import wait_until
-from conftest import E2E_INTERVAL, SHIPPED_FOR_ALERTS, StartRunner
 from streamwarden._names import DURATION_BUCKETS
 
 pytestmark = pytest.mark.e2e

@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 from _opslib import (
     HOST,
+    OPS_DIR,
     VENV_BIN,
     Sample,
     ServerProcess,
     alert_rules,
     all_dashboard_panels,
+    child_environment,
     free_port,
     metric_names,
     recording_rules,
@@ -31,7 +33,6 @@ from _opslib import (
 )
 
 from _support import wait_until
-from conftest import OPS_DIR, child_environment
 
 pytestmark = pytest.mark.e2e
 
