@@ -169,8 +169,10 @@ DEFAULT_REDACT_PATTERNS: Final[tuple[str, ...]] = (
     r"\b(?P<secret>(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16})\b",
     # AWS secret access keys next to a telling name (aws_secret_access_key = ..., AWS_SECRET=...)
     r"""(?i)aws[A-Za-z_ -]{0,24}(?:secret|key)["']?\s*[:=]\s*["']?(?P<secret>[A-Za-z0-9/+=]{40})""",
-    # user:password@ in URLs (redis://user:pw@host, https://user:pw@host)
-    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:(?P<secret>[^@\s/]+)@",
+    # user:password@ in URLs (redis://user:pw@host, https://user:pw@host). The password runs to the LAST
+    # `@` of the URL, as the CLI parses it: a password may hold `@`, `/` or `#` unencoded, and stopping
+    # at the first `@` printed the rest of it (over-redacting a later `@` in a query is the safe side).
+    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:(?P<secret>\S+)@",
 )
 
 #: Header names whose values are always redacted whole (case-insensitive).

@@ -124,6 +124,8 @@ SECRETS = [
         id="aws-secret",
     ),
     pytest.param("redis://sw:s3cr3t@cache:6379/0 down", "s3cr3t", id="url-credentials"),
+    pytest.param("redis://sw:hunter@2Secret@cache:6379/0 down", "2Secret", id="url-password-with-at"),
+    pytest.param("redis://sw:pa/ss#word9@cache:6379 down", "ss#word9", id="url-password-with-slash-and-hash"),
     pytest.param('{"password": "correct horse battery", "user": "bob"}', "horse", id="json-multi-word"),
     pytest.param("{'client_secret': 'two words'}", "words", id="repr-multi-word"),
     pytest.param('password="has \\" escaped quote"', "escaped", id="escaped-quote"),
