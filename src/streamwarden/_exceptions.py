@@ -191,6 +191,13 @@ def error_type_name(error: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_TYPE_CHARS else text[: MAX_ERROR_TYPE_CHARS - 3] + "..."
 
 
+def describe(error: BaseException) -> str:
+    """``Type: text`` of an exception for a log line (redis-py's ``repr`` drops the text); never raises."""
+    text = error_text(error)
+    name = error_type_name(error)
+    return f"{name}: {text}" if text else name
+
+
 def reported_type(error: BaseException) -> str:
     """The ``error.type`` an operator should see: the original type for a :class:`HandlerAborted`
     (``SystemExit``), the exception's own otherwise."""

@@ -68,6 +68,7 @@ from ._exceptions import (
     PoisonMessageError,
     StreamwardenError,
     add_note,
+    describe,
     error_text,
     error_type_name,
     reported_type,
@@ -711,7 +712,9 @@ class ReliabilityLayer:
         try:
             return await route.store.extend(lease, self._dedup_policy.lease)
         except Exception as exc:
-            log.warning("could not extend the dedup lease of %r: %s", lease.message_id, self._describe(exc))
+            log.warning(
+                "could not extend the dedup lease of %r: %s", lease.message_id, self.describe_error(exc)
+            )
             return None
 
     # --- BaseExceptions from handlers -------------------------------------------------------------
@@ -755,9 +758,9 @@ class ReliabilityLayer:
             span.set_status(Status(StatusCode.ERROR, error_type))
         return error_type
 
-    def _describe(self, exc: BaseException) -> str:
-        """An exception as text for a log line: never raising, secrets redacted."""
-        return self.error_handler.redactor.text(f"{error_type_name(exc)}: {error_text(exc)}")
+    def describe_error(self, exc: BaseException) -> str:
+        """An exception as text for a log line or an error message: never raising, secrets redacted."""
+        return self.error_handler.redactor.text(describe(exc))
 
     def _finish(
         self,
@@ -792,10 +795,12 @@ class ReliabilityLayer:
         if span.is_recording():
             span.add_event(n.EVENT_DEDUP_ERROR, {n.ATTR_ERROR_TYPE: error_type_name(exc)})
         if not self._dedup_policy.fail_open:
-            unavailable = DeduplicationUnavailableError(f"dedup store failed: {self._describe(exc)}")
+            unavailable = DeduplicationUnavailableError(f"dedup store failed: {self.describe_error(exc)}")
             unavailable.__cause__ = exc
             return self._finish(dt, Outcome.DEFERRED, mid, error=unavailable)
-        log.warning("dedup store failed (%s); processing %r without deduplication", self._describe(exc), mid)
+        log.warning(
+            "dedup store failed (%s); processing %r without deduplication", self.describe_error(exc), mid
+        )
         return None
 
     def _took_over(self, mid: str, dt: DestinationTelemetry, span: Span) -> None:
@@ -830,7 +835,7 @@ class ReliabilityLayer:
         """The effect happened but the completion mark did not: a redelivery may run it again."""
         dt.dedup[DedupResult.ERROR].value += 1
         self._counts[n.COUNTER_DEDUP_ERRORS] += 1
-        log.error("could not complete dedup record for %r: %s", lease.message_id, self._describe(exc))
+        log.error("could not complete dedup record for %r: %s", lease.message_id, self.describe_error(exc))
 
     def _lease_lost(self, lease: Lease, dt: DestinationTelemetry) -> None:
         """Our lease expired and could not be kept (a pause, a slow handler): another owner may run it."""
@@ -856,14 +861,14 @@ class ReliabilityLayer:
             if await route.store.mark_dead_lettered(lease, self._dedup_policy.lease):
                 return
         except Exception as exc:
-            log.error("could not mark %r as dead-lettered: %s", lease.message_id, self._describe(exc))
+            log.error("could not mark %r as dead-lettered: %s", lease.message_id, self.describe_error(exc))
         await self._release(route, lease, attempted=True)
 
     async def _release(self, route: _Route, lease: Lease, *, attempted: bool) -> None:
         try:
             await route.store.release(lease, attempted=attempted)
         except Exception as exc:  # the lease expires by itself; the message is redelivered then
-            log.error("could not release dedup lease for %r: %s", lease.message_id, self._describe(exc))
+            log.error("could not release dedup lease for %r: %s", lease.message_id, self.describe_error(exc))
 
     # --- retries, deferral, dead letters -----------------------------------------------------------
     async def _attempt(
@@ -1069,7 +1074,8 @@ class ReliabilityLayer:
                         )
                     except Exception as dlq_error:
                         add_note(
-                            invalid, f"streamwarden: dead-letter write failed: {self._describe(dlq_error)}"
+                            invalid,
+                            f"streamwarden: dead-letter write failed: {self.describe_error(dlq_error)}",
                         )
         finally:
             if span.is_recording():

@@ -204,8 +204,6 @@ class Telemetry:
         self.retry_attempts = meter.create_counter(
             n.METRIC_RETRY_ATTEMPTS, unit="{retry}", description="Retries scheduled after a failed attempt."
         )
-        # Observed at collection from each breaker's current state, so a scrape never sees a state
-        # change half-applied (a -1 without its +1).
         self.retry_outcomes = meter.create_counter(
             n.METRIC_RETRY_OUTCOMES,
             unit="{message}",
@@ -229,6 +227,8 @@ class Telemetry:
             unit="s",
             description="Seconds until an open circuit breaker lets a half-open trial through (0 unless open).",
         )
+        # Observed at collection from each breaker's current state, so a scrape never sees a state
+        # change half-applied (a -1 without its +1).
         meter.create_observable_up_down_counter(
             n.METRIC_BREAKER_STATUS,
             callbacks=[self._observe_breakers],
@@ -441,9 +441,6 @@ class Telemetry:
             provider = _global_tracer_provider()
         # A global provider, once set, cannot be replaced (the API forbids it): cache a yes for good.
         self.tracing_on = not isinstance(provider, _NOOP_TRACER_PROVIDERS)
-        if not self.metrics_on:  # the hot path reads metrics_on after asking this (one call, not two)
-            meters: object = self._meter_provider or _metrics_internal._METER_PROVIDER
-            self.metrics_on = meters is not None and not isinstance(meters, NoOpMeterProvider)
         return self.tracing_on
 
     def metrics_enabled(self) -> bool:

@@ -472,7 +472,9 @@ class ConsumerRunner:
             try:
                 await asyncio.wait_for(companion.stop(), timeout=_COMPANION_STOP_S)
             except (Exception, TimeoutError) as exc:
-                log.warning("stopping %s failed: %s", type(companion).__name__, _describe(exc))
+                log.warning(
+                    "stopping %s failed: %s", type(companion).__name__, self.layer.describe_error(exc)
+                )
 
     # --- the loop -----------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -498,7 +500,7 @@ class ConsumerRunner:
                     "%s error in consumer %s: %s; retrying in %.2fs",
                     self.transport.name,
                     self._consumer_name,
-                    _describe(exc),
+                    self.layer.describe_error(exc),
                     delay,
                 )
                 await self._sleep_or_stop(delay)
@@ -647,7 +649,9 @@ class ConsumerRunner:
             claims = list(await self.layer.claim_batch(ids, destination=self.transport.destination))
         except Exception as exc:
             log.warning(
-                "batch dedup claim of %d ids failed (%s); the layer claims them", len(ids), _describe(exc)
+                "batch dedup claim of %d ids failed (%s); the layer claims them",
+                len(ids),
+                self.layer.describe_error(exc),
             )
             return [None] * len(ids)
         if len(claims) != len(ids):  # a store bug; claiming one by one is still correct
@@ -676,7 +680,11 @@ class ConsumerRunner:
         if task.cancelled():  # abandoned at shutdown: never acknowledged
             self.transport.give_back((delivery.ref,))
         elif (error := task.exception()) is not None:  # observed, never lost
-            log.error("message task ended with %s (a bug in the runner)", _describe(error), exc_info=error)
+            log.error(
+                "message task ended with %s (a bug in the runner)",
+                self.layer.describe_error(error),
+                exc_info=error,
+            )
 
     async def _handle(
         self,
@@ -710,7 +718,7 @@ class ConsumerRunner:
                 raise  # a real cancellation (shutdown): not acknowledged, the broker redelivers
             self._escaped(env, "its own CancelledError")
         except BaseException as exc:  # SystemExit, KeyboardInterrupt, ... must not end the consumer
-            self._escaped(env, _describe(exc))
+            self._escaped(env, self.layer.describe_error(exc))
         self._settle(delivery, result)
 
     def _escaped(self, env: Envelope, what: str) -> None:
@@ -747,7 +755,7 @@ class ConsumerRunner:
                     log.warning(
                         "ack of %d entries failed (%s): they will be redelivered and deduplicated",
                         len(refs),
-                        _describe(exc),
+                        self.layer.describe_error(exc),
                     )
                     continue
                 self.stats.acked += len(refs)
@@ -831,11 +839,11 @@ class ConsumerRunner:
             try:
                 await store.refresh_depths()
             except Exception as exc:
-                log.debug("refreshing DLQ depths failed: %s", _describe(exc))
+                log.debug("refreshing DLQ depths failed: %s", self.layer.describe_error(exc))
         try:
             backlog = await self.transport.backlog()
         except Exception as exc:
-            log.debug("reading the backlog failed: %s", _describe(exc))
+            log.debug("reading the backlog failed: %s", self.layer.describe_error(exc))
             return
         self._lag, self._pending = backlog.lag, backlog.pending
         self._oldest_pending_age = backlog.oldest_pending_age
@@ -903,13 +911,3 @@ async def _probe(check: Awaitable[Any]) -> bool:
     except (Exception, TimeoutError):
         return False
     return True
-
-
-def _describe(error: BaseException) -> str:
-    """``Type: text`` of an exception (redis-py's ``repr`` drops the text), never raising."""
-    try:
-        text = str(error)
-    except Exception:
-        text = "<unprintable>"
-    name = type(error).__name__
-    return f"{name}: {text}" if text else name
