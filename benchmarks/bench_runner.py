@@ -17,16 +17,28 @@ that was filled before the clock started and is timed until every entry is ackno
   concurrency 64, completion, ``XACK`` by outcome); ``runner_deferred`` with
   ``dedup_defer_completions=True`` (completion marks ride on the next batch claim).
 
-OpenTelemetry's global providers can be set once per process, so the script runs itself twice:
-``--mode nosdk`` (no SDK: telemetry off) and ``--mode sdk`` (SDK providers with exporters that only count,
-as an application would install them). The ``sdk`` process also profiles one runner run with cProfile
-and reports the share of CPU time spent in ``opentelemetry`` frames.
+OpenTelemetry's global providers can be set once per process, so the script runs itself three times:
+``--mode nosdk`` (no SDK: telemetry off), ``--mode sdk`` (SDK providers with exporters that only count,
+as an application would install them, every span sampled) and ``--mode sdk10`` (the same with
+``KeepFailures(ParentBased(TraceIdRatioBased(0.1)))``, 10% of traces kept, failures always). The ``sdk``
+process also profiles one runner run with cProfile and reports the share of CPU time spent in
+``opentelemetry`` frames. The ``sdk10`` process then runs a check: 2,000 messages of which 5% fail for
+good, and every dead-letter entry's ``trace_id``/``span_id`` must be an exported span.
+
+Every case also reports the Redis server's time per message: ``CONFIG RESETSTAT`` after the stream is
+filled, ``INFO commandstats`` (usec, summed over commands) when the case is done, divided by the count.
+
+``--rss-messages 500000`` adds a separate run: the runner (telemetry off, default settings) consumes that
+many messages, fed in chunks while it runs, and the process RSS (``/proc/self/status`` VmRSS) is sampled
+every 25,000 messages; the report compares the RSS after warm-up (20% of the run) with the end.
 
 ``--latency-ms 0.5`` puts a TCP proxy (its own process) between every client and Redis that adds that
 round-trip time, as a network between hosts would; loopback round trips are ~0.03 ms.
 
-Targets (issue 4): (a) the runner with telemetry OFF costs <= 2x the bare loop per message;
-(b) with telemetry ON it reaches >= 10x the seed design's throughput (seed also with telemetry on).
+Targets (issue 11): (a) the runner with telemetry OFF, default settings, reaches >= 0.5x the throughput
+of the bare loop with one XACK per batch; (b) with telemetry ON, every span sampled, >= 10x the seed
+design's throughput (seed also with telemetry on); (c) with 10% parent-based sampling >= 0.35x the bare
+batched loop, and every dead letter of the check run has an exported trace.
 Exit status 0 whatever the numbers, unless ``--check`` (then 1 on a FAIL); 2 when a case did not do what
 it claims (nothing acknowledged, no span exported).
 """
@@ -64,9 +76,14 @@ QUICK_COUNT = 2_000
 DEFAULT_ROUNDS = 3
 BATCH = 64
 TTL = 3600
-TARGET_OFF_VS_BARE = 2.0
+TARGET_OFF_VS_BARE_BATCH = 0.5
 TARGET_ON_VS_SEED = 10.0
-PACKAGES = ("streamwarden", "redis", "opentelemetry-api", "opentelemetry-sdk")
+TARGET_SAMPLED_VS_BARE_BATCH = 0.35
+SAMPLED_RATIO = 0.1
+TRACE_CHECK_COUNT = 2_000
+RSS_EVERY = 25_000
+PACKAGES = ("streamwarden", "redis", "hiredis", "opentelemetry-api", "opentelemetry-sdk")
+MODES = ("nosdk", "sdk", "sdk10")
 
 # (id, label, mode) in table order
 CASES: tuple[tuple[str, str, str], ...] = (
@@ -79,6 +96,8 @@ CASES: tuple[tuple[str, str, str], ...] = (
     ("seed_on", "seed design, telemetry ON (1 span + 1 counter per msg)", "sdk"),
     ("runner_on", "runner, telemetry ON", "sdk"),
     ("runner_on_deferred", "runner, telemetry ON, deferred completions", "sdk"),
+    ("bare_sdk10", "bare loop, one XACK per batch (10% sampling process)", "sdk10"),
+    ("runner_on_sampled", "runner, telemetry ON, 10% parent-based sampling", "sdk10"),
 )
 LABELS = {case_id: label for case_id, label, _ in CASES}
 
@@ -107,6 +126,19 @@ async def fill(client: redis.asyncio.Redis, count: int) -> tuple[str, str]:
     return stream, group
 
 
+SERVER_USEC: list[float] = [0.0]  # the Redis server time of the last case run, usec
+
+
+async def reset_server_stats(client: redis.asyncio.Redis) -> None:
+    await client.config_resetstat()
+
+
+async def record_server_time(client: redis.asyncio.Redis) -> None:
+    """Sum of ``usec`` over ``INFO commandstats`` since the last reset (the CONFIG/INFO calls are noise)."""
+    stats = await client.info("commandstats")
+    SERVER_USEC[0] = float(sum(v["usec"] for v in stats.values() if isinstance(v, dict)))
+
+
 async def acked(client: redis.asyncio.Redis, stream: str, group: str, count: int) -> None:
     info = next(g for g in await client.xinfo_groups(stream) if g["name"] in (group, group.encode()))
     if int(info["pending"]) != 0 or int(info["entries-read"]) != count:
@@ -117,6 +149,7 @@ async def acked(client: redis.asyncio.Redis, stream: str, group: str, count: int
 def bare_case(client: redis.asyncio.Redis, *, batch_ack: bool) -> Callable[[int], Awaitable[float]]:
     async def run(count: int) -> float:
         stream, group = await fill(client, count)
+        await reset_server_stats(client)
         done = 0
         started = time.perf_counter()
         while done < count:
@@ -130,6 +163,7 @@ def bare_case(client: redis.asyncio.Redis, *, batch_ack: bool) -> Callable[[int]
                     await client.xack(stream, group, *(entry_id for entry_id, _ in entries))
                 done += len(entries)
         elapsed = time.perf_counter() - started
+        await record_server_time(client)
         await acked(client, stream, group, count)
         return elapsed
 
@@ -155,6 +189,7 @@ def seed_case(client: redis.asyncio.Redis, *, telemetry: bool) -> Callable[[int]
 
     async def run(count: int) -> float:
         stream, group = await fill(client, count)
+        await reset_server_stats(client)
         done = 0
         started = time.perf_counter()
         while done < count:
@@ -175,6 +210,7 @@ def seed_case(client: redis.asyncio.Redis, *, telemetry: bool) -> Callable[[int]
                     await client.xack(stream, group, entry_id)
                 done += len(entries)
         elapsed = time.perf_counter() - started
+        await record_server_time(client)
         await acked(client, stream, group, count)
         return elapsed
 
@@ -191,6 +227,7 @@ def runner_case(client: redis.asyncio.Redis, *, deferred: bool) -> Callable[[int
 
     async def run(count: int) -> float:
         stream, group = await fill(client, count)
+        await reset_server_stats(client)
         runner = RedisStreamConsumer(
             client, stream=stream, group=group, consumer="runner", handler=handler, layer=layer,
             batch_size=BATCH, concurrency=BATCH, block_ms=100, claim_every_s=3600, metrics_every_s=3600,
@@ -203,6 +240,7 @@ def runner_case(client: redis.asyncio.Redis, *, deferred: bool) -> Callable[[int
         elapsed = time.perf_counter() - started
         runner.stop()
         await task
+        await record_server_time(client)
         await layer.aclose()  # deferred completions and counters reach Redis before the next FLUSHALL
         if stats.outcomes != {"processed": count}:
             raise BenchmarkError(f"runner: outcomes {stats.outcomes} for {count} new messages")
@@ -216,7 +254,7 @@ def runner_case(client: redis.asyncio.Redis, *, deferred: bool) -> Callable[[int
 class CountingSdk:
     """Global SDK providers whose exporters only count (BatchSpanProcessor, a periodic metric reader)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sampler: Any = None) -> None:
         from opentelemetry import metrics, trace
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import (
@@ -247,7 +285,7 @@ class CountingSdk:
             def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
                 pass
 
-        self.tracer_provider = TracerProvider()
+        self.tracer_provider = TracerProvider(sampler=sampler) if sampler is not None else TracerProvider()
         self.tracer_provider.add_span_processor(BatchSpanProcessor(Spans()))
         reader = PeriodicExportingMetricReader(Metrics(), export_interval_millis=3_600_000)
         self.meter_provider = MeterProvider(metric_readers=[reader])
@@ -271,11 +309,113 @@ def otel_share(profile: cProfile.Profile) -> dict[str, Any]:
     return {"total_s": round(total, 3), "otel_s": round(otel, 3), "share": otel / total if total else 0.0}
 
 
-async def run_mode(mode: str, port: int, count: int, rounds: int) -> dict[str, Any]:
-    sdk = CountingSdk() if mode == "sdk" else None
+def ratio_sampler() -> Any:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from streamwarden import KeepFailures
+
+    return KeepFailures(ParentBased(TraceIdRatioBased(SAMPLED_RATIO)))
+
+
+async def trace_check(client: redis.asyncio.Redis, tracer_provider: Any) -> dict[str, Any]:
+    """2,000 messages through the runner, 5% failing for good: does every DLQ entry point at an exported
+    span? (A span exporter that keeps ids, beside the counting one.)"""
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from streamwarden import ReliabilityLayer, ReliabilitySettings
+    from streamwarden._runners._redis_streams import RedisStreamConsumer
+
+    exporter = InMemorySpanExporter()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    layer = ReliabilityLayer(client, ReliabilitySettings(service_name="bench-trace-check"))
+
+    async def failing(message: Any) -> dict[str, Any]:
+        payload = getattr(message, "payload", message)  # the runner hands the handler its Envelope
+        if payload.get("n", 0) % 20 == 0:
+            raise ValueError("permanent failure (trace check)")
+        return {"ok": True}
+
+    stream, group = f"trace-check-{next(_streams)}", "g"
+    pipe = client.pipeline(transaction=False)
+    for i in range(TRACE_CHECK_COUNT):
+        pipe.xadd(stream, {"id": f"tc-{i}", "payload": json.dumps({"n": i})})
+    await pipe.execute()
+    await client.xgroup_create(stream, group, id="0")
+    runner = RedisStreamConsumer(
+        client, stream=stream, group=group, consumer="tc", handler=failing, layer=layer,
+        batch_size=BATCH, concurrency=BATCH, block_ms=100, claim_every_s=3600, metrics_every_s=3600,
+    )  # fmt: skip
+    task = asyncio.create_task(runner.run())
+    deadline = time.monotonic() + 120
+    while runner.stats.acked < TRACE_CHECK_COUNT and not task.done() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    runner.stop()
+    await task
+    tracer_provider.force_flush()
+    exported = {(format(sp.context.trace_id, "032x"), format(sp.context.span_id, "016x"))
+                for sp in exporter.get_finished_spans()}  # fmt: skip
+    entries = await layer.dead_letter_store.list(destination=stream, limit=TRACE_CHECK_COUNT)
+    traced = sum(1 for e in entries if (e.trace_id, e.span_id) in exported)
+    await layer.aclose()
+    return {"dead_lettered": len(entries), "traced": traced, "spans": len(exported),
+            "outcomes": dict(runner.stats.outcomes)}  # fmt: skip
+
+
+async def rss_run(client: redis.asyncio.Redis, total: int) -> dict[str, Any]:
+    """The runner over ``total`` messages fed in chunks while it runs; VmRSS every RSS_EVERY messages."""
+    from streamwarden import ReliabilityLayer, ReliabilitySettings
+    from streamwarden._runners._redis_streams import RedisStreamConsumer
+
+    def rss_kib() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    layer = ReliabilityLayer(client, ReliabilitySettings(service_name="bench-rss"))
+    stream, group = f"rss-{next(_streams)}", "g"
+    await client.xgroup_create(stream, group, id="0", mkstream=True)
+    runner = RedisStreamConsumer(
+        client, stream=stream, group=group, consumer="rss", handler=handler, layer=layer,
+        batch_size=BATCH, concurrency=BATCH, block_ms=100, metrics_every_s=3600,
+    )  # fmt: skip
+    task = asyncio.create_task(runner.run())
+    samples: list[tuple[int, int]] = []
+    fed = 0
+    started = time.perf_counter()
+    deadline = time.monotonic() + 1800
+    while runner.stats.acked < total and not task.done() and time.monotonic() < deadline:
+        if fed - runner.stats.acked < 20_000 and fed < total:  # keep the stream short: feed in chunks
+            pipe = client.pipeline(transaction=False)
+            for i in range(fed, min(total, fed + 5_000)):
+                pipe.xadd(stream, {"id": f"rss-{i}", "payload": '{"symbol":"ACME","side":"buy","qty":10}'},
+                          maxlen=100_000, approximate=True)  # fmt: skip
+            await pipe.execute()
+            fed = min(total, fed + 5_000)
+        if runner.stats.acked >= (len(samples) + 1) * RSS_EVERY:
+            samples.append((runner.stats.acked, rss_kib()))
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    runner.stop()
+    await task
+    await layer.aclose()
+    warm = next((kib for done, kib in samples if done >= total * 0.2), samples[0][1] if samples else 0)
+    end = samples[-1][1] if samples else 0
+    return {"messages": runner.stats.acked, "seconds": elapsed, "samples": samples,
+            "rss_after_warmup_kib": warm, "rss_end_kib": end}  # fmt: skip
+
+
+async def run_mode(mode: str, port: int, count: int, rounds: int, rss_messages: int = 0) -> dict[str, Any]:
+    sdk = CountingSdk() if mode == "sdk" else CountingSdk(ratio_sampler()) if mode == "sdk10" else None
     client = redis.asyncio.Redis(host="127.0.0.1", port=port)
     try:
-        if mode == "sdk":
+        if mode == "sdk10":
+            cases = {
+                "bare_sdk10": bare_case(client, batch_ack=True),
+                "runner_on_sampled": runner_case(client, deferred=False),
+            }
+        elif mode == "sdk":
             cases = {
                 "bare_sdk": bare_case(client, batch_ack=False),
                 "seed_on": seed_case(client, telemetry=True),
@@ -293,13 +433,22 @@ async def run_mode(mode: str, port: int, count: int, rounds: int) -> dict[str, A
         for run in cases.values():  # warm-up: connections, scripts, imports
             await run(min(count, 500))
         samples: dict[str, list[float]] = {case_id: [] for case_id in cases}
+        server_us: dict[str, list[float]] = {case_id: [] for case_id in cases}
         for round_no in range(rounds):
             for case_id, run in cases.items():
                 await client.flushall()
                 samples[case_id].append(count / await run(count))
+                server_us[case_id].append(SERVER_USEC[0] / count)
             print(f"[{mode}] round {round_no + 1}/{rounds} done", file=sys.stderr, flush=True)
-        out: dict[str, Any] = {"cases": samples}
-        if sdk is not None:
+        out: dict[str, Any] = {"cases": samples, "server_us": server_us}
+        if mode == "sdk10" and sdk is not None:
+            await client.flushall()
+            out["trace_check"] = await trace_check(client, sdk.tracer_provider)
+        elif mode == "nosdk" and rss_messages:
+            await client.flushall()
+            out["rss"] = await rss_run(client, rss_messages)
+            print(f"[{mode}] rss run done", file=sys.stderr, flush=True)
+        if mode == "sdk" and sdk is not None:
             exported = sdk.exported()
             if not exported.get("streamwarden"):
                 raise BenchmarkError(f"telemetry ON exported no streamwarden span: {exported}")
@@ -310,7 +459,7 @@ async def run_mode(mode: str, port: int, count: int, rounds: int) -> dict[str, A
             profile.disable()
             out["otel_profile"] = otel_share(profile)
             out["spans_exported"] = sdk.exported()
-        else:
+        elif mode == "nosdk":
             from opentelemetry import trace
 
             if type(trace.get_tracer_provider()).__name__ != "ProxyTracerProvider":
@@ -409,11 +558,11 @@ def start_proxy(target: int, rtt_ms: float) -> tuple[subprocess.Popen[bytes], in
 
 
 # --- the parent: both modes, one table -------------------------------------------------------------------
-def run_child(mode: str, port: int, count: int, rounds: int) -> dict[str, Any]:
+def run_child(mode: str, port: int, count: int, rounds: int, rss_messages: int = 0) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         proc = subprocess.run(
             [sys.executable, __file__, "--mode", mode, "--port", str(port), "--count", str(count),
-             "--rounds", str(rounds), "--child-json", out.name],
+             "--rounds", str(rounds), "--child-json", out.name, "--rss-messages", str(rss_messages)],
             check=False,
         )  # fmt: skip
         if proc.returncode == 2:
@@ -429,15 +578,34 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     for case_id, _label, mode in CASES:
         rates = results[mode]["cases"][case_id]
         rate = statistics.median(rates)
-        cases[case_id] = {"msgs_per_s": rate, "us_per_msg": 1e6 / rate, "rounds": rates}
-    off_vs_bare = cases["bare"]["msgs_per_s"] / cases["runner_off"]["msgs_per_s"]
+        server = statistics.median(results[mode]["server_us"][case_id])
+        cases[case_id] = {"msgs_per_s": rate, "us_per_msg": 1e6 / rate, "rounds": rates, "server_us": server}
+    off_vs_batch = cases["runner_off"]["msgs_per_s"] / cases["bare_batch_ack"]["msgs_per_s"]
     on_vs_seed = cases["runner_on"]["msgs_per_s"] / cases["seed_on"]["msgs_per_s"]
     on_deferred_vs_seed = cases["runner_on_deferred"]["msgs_per_s"] / cases["seed_on"]["msgs_per_s"]
+    sampled_vs_batch = cases["runner_on_sampled"]["msgs_per_s"] / cases["bare_batch_ack"]["msgs_per_s"]
+    sampled_vs_seed = cases["runner_on_sampled"]["msgs_per_s"] / cases["seed_on"]["msgs_per_s"]
+    check = results["sdk10"]["trace_check"]
     checks = {
-        "runner_off_cost_vs_bare": {
-            "target": f"<= {TARGET_OFF_VS_BARE}x",
-            "value": off_vs_bare,
-            "passed": off_vs_bare <= TARGET_OFF_VS_BARE,
+        "runner_off_vs_bare_batch": {
+            "target": f">= {TARGET_OFF_VS_BARE_BATCH}x",
+            "value": off_vs_batch,
+            "passed": off_vs_batch >= TARGET_OFF_VS_BARE_BATCH,
+        },
+        "runner_sampled_vs_bare_batch": {
+            "target": f">= {TARGET_SAMPLED_VS_BARE_BATCH}x",
+            "value": sampled_vs_batch,
+            "passed": sampled_vs_batch >= TARGET_SAMPLED_VS_BARE_BATCH,
+        },
+        "runner_sampled_vs_seed_on": {
+            "target": f">= {TARGET_ON_VS_SEED}x",
+            "value": sampled_vs_seed,
+            "passed": sampled_vs_seed >= TARGET_ON_VS_SEED,
+        },
+        "dead_letters_traced_at_10pct": {
+            "target": "100% (of >= 1)",
+            "value": check["traced"] / check["dead_lettered"] if check["dead_lettered"] else 0.0,
+            "passed": check["dead_lettered"] > 0 and check["traced"] == check["dead_lettered"],
         },
         "runner_on_vs_seed_on": {
             "target": f">= {TARGET_ON_VS_SEED}x",
@@ -450,24 +618,45 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "passed": on_deferred_vs_seed >= TARGET_ON_VS_SEED,
         },
     }
-    return {"cases": cases, "checks": checks, "otel_profile": results["sdk"]["otel_profile"]}
+    return {
+        "cases": cases,
+        "checks": checks,
+        "otel_profile": results["sdk"]["otel_profile"],
+        "trace_check": check,
+        "rss": results["nosdk"].get("rss"),
+    }
 
 
 def report(summary: dict[str, Any], count: int, rounds: int, rtt_ms: float) -> None:
     cases = summary["cases"]
-    bare = cases["bare"]["msgs_per_s"]
+    batch = cases["bare_batch_ack"]["msgs_per_s"]
     seed_on = cases["seed_on"]["msgs_per_s"]
     rows = []
     for case_id, label, _mode in CASES:
         rate = cases[case_id]["msgs_per_s"]
-        rows.append([label, f"{rate:,.0f}", f"{cases[case_id]['us_per_msg']:.1f}", f"{bare / rate:.2f}x",
+        rows.append([label, f"{rate:,.0f}", f"{cases[case_id]['us_per_msg']:.1f}",
+                     f"{cases[case_id]['server_us']:.1f}", f"{rate / batch:.2f}x",
                      f"{rate / seed_on:.1f}x"])  # fmt: skip
     print_table(
         f"RedisStreamConsumer end to end ({count:,} msgs, median of {rounds} rounds, "
         f"PING round trip {rtt_ms:.3f} ms)",
-        ["case", "msgs/s", "µs/msg", "cost vs bare", "vs seed (tel. on)"],
+        ["case", "msgs/s", "µs/msg", "Redis server µs/msg", "vs bare batched loop", "vs seed (tel. on)"],
         rows,
     )
+    check = summary["trace_check"]
+    print(
+        f"trace check at {SAMPLED_RATIO:.0%} sampling: {check['traced']} of {check['dead_lettered']} "
+        f"dead letters point at an exported span ({check['spans']} spans exported)"
+    )
+    rss = summary.get("rss")
+    if rss:
+        growth = rss["rss_end_kib"] - rss["rss_after_warmup_kib"]
+        print(
+            f"RSS over {rss['messages']:,} messages ({rss['messages'] / rss['seconds']:,.0f} msgs/s): "
+            f"{rss['rss_after_warmup_kib'] / 1024:.1f} MiB after warm-up, {rss['rss_end_kib'] / 1024:.1f} MiB "
+            f"at the end ({growth / 1024:+.1f} MiB); samples (msgs, MiB): "
+            + ", ".join(f"{done // 1000}k:{kib / 1024:.1f}" for done, kib in rss["samples"])
+        )
     for name, check in summary["checks"].items():
         verdict = "PASS" if check["passed"] else "FAIL"
         print(f"{verdict}  {name}: {check['value']:.2f}x (target {check['target']})")
@@ -489,9 +678,15 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-ms", type=float, default=0.0, help="round-trip time added by a TCP proxy (0: direct)"
     )
     parser.add_argument("--proxy", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=("sdk", "nosdk"), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rss-messages",
+        type=int,
+        default=0,
+        help="also run the runner over N messages sampling RSS (e.g. 500000)",
+    )
     args = parser.parse_args(argv)
     if args.proxy is not None:
         listen, target, rtt_ms = args.proxy.split(":")
@@ -501,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         args.count, args.rounds = QUICK_COUNT, 1
     if args.mode is not None:
         try:
-            result = asyncio.run(run_mode(args.mode, args.port, args.count, args.rounds))
+            result = asyncio.run(run_mode(args.mode, args.port, args.count, args.rounds, args.rss_messages))
         except BenchmarkError as exc:
             print(f"benchmark error: {exc}", file=sys.stderr)
             return 2
@@ -515,7 +710,12 @@ def main(argv: list[str] | None = None) -> int:
             proxy, port = start_proxy(port, args.latency_ms)
             rtt_ms = measure_rtt(port)
         try:
-            results = {mode: run_child(mode, port, args.count, args.rounds) for mode in ("nosdk", "sdk")}
+            results = {
+                mode: run_child(
+                    mode, port, args.count, args.rounds, args.rss_messages if mode == "nosdk" else 0
+                )
+                for mode in MODES
+            }
         finally:
             if proxy is not None:
                 proxy.terminate()

@@ -49,6 +49,7 @@ from ._exceptions import PoisonMessageError as PoisonMessageError
 from ._exceptions import StreamwardenError as StreamwardenError
 from ._layer import ProcessResult as ProcessResult
 from ._layer import ReliabilityLayer as ReliabilityLayer
+from ._layer import StagedCompletion as StagedCompletion
 from ._layer import current_lease as current_lease
 from ._redis import CounterFlusher as CounterFlusher
 from ._redis import RedisCounterStore as RedisCounterStore
@@ -69,6 +70,7 @@ from ._runners import ConsumerStats as ConsumerStats
 from ._runners import Health as Health
 from ._runners import RedisStreamConsumer as RedisStreamConsumer
 from ._runners import StreamProducer as StreamProducer
+from ._sampling import KeepFailures as KeepFailures
 from ._settings import ReliabilitySettings as ReliabilitySettings
 from ._telemetry import configure_telemetry as configure_telemetry
 from ._types import Outcome as Outcome
@@ -109,6 +111,7 @@ __all__ = [
     "InMemoryDedupStore",
     "InvalidMessageError",
     "InvalidProcessorError",
+    "KeepFailures",
     "Lease",
     "MessageInProgressError",
     "MetricsCollector",
@@ -133,6 +136,7 @@ __all__ = [
     "RetryPolicy",
     "SharedBreakerState",
     "SharedBreakerSync",
+    "StagedCompletion",
     "StreamProducer",
     "StreamwardenError",
     "configure_telemetry",

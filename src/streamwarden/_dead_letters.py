@@ -10,6 +10,7 @@ that span's trace id so an operator can go from the entry to the trace.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -188,7 +189,20 @@ class ErrorHandler:
         entry = self.redactor.entry(entry, settings.dlq_max_traceback_chars)
         telemetry = self.telemetry
         dt = dt or telemetry.destination(dest, settings.consumer_group, n.MESSAGING_SYSTEM_DEFAULT)
-        with telemetry.dlq_send_span(dest, self.dlq_name(dest), reason, error_type, dt.system) as span:
+        # A failed message whose process span was sampled out still gets a trace: the DLQ span becomes
+        # an exported root linked to it, and the entry points at it (see _sampling.KeepFailures).
+        unsampled = failed_ctx if failed_ctx.is_valid and not failed_ctx.trace_flags.sampled else None
+        with telemetry.dlq_send_span(
+            dest, self.dlq_name(dest), reason, error_type, dt.system, unsampled_parent=unsampled
+        ) as span:
+            if unsampled is not None:
+                root = span.get_span_context()
+                if root.is_valid and root.trace_flags.sampled:
+                    entry = dataclasses.replace(  # the unsampled span is in the root's links
+                        entry,
+                        trace_id=format(root.trace_id, "032x"),
+                        span_id=format(root.span_id, "016x"),
+                    )
             try:
                 entry_id = await self.dead_letters.add(entry)
             except Exception as exc:

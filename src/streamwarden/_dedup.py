@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol, Self, runtime_checkable
 
 __all__ = [
+    "BatchCompletingStore",
     "ClaimResult",
     "ClaimStatus",
     "ClosableStore",
@@ -226,6 +227,20 @@ class ClosableStore(Protocol):
 
     async def aclose(self) -> None:
         """Flush what is buffered; the underlying client stays open."""
+        ...
+
+
+@runtime_checkable
+class BatchCompletingStore(Protocol):
+    """A store that completes many leases in one round trip (a stream runner's group commit)."""
+
+    async def complete_many(
+        self,
+        leases: Sequence[Lease],
+        ttl_seconds: float,
+        fingerprints: Sequence[str | None] | None = None,
+    ) -> list[bool]:
+        """:meth:`DedupStore.complete` for each lease, in one round trip; one answer per lease."""
         ...
 
 

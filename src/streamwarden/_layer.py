@@ -46,6 +46,7 @@ from ._classify import ErrorClass, ErrorClassifier
 from ._compat import DeduplicationManager, MetricsCollector
 from ._dead_letters import ErrorHandler
 from ._dedup import (
+    BatchCompletingStore,
     ClaimResult,
     ClaimStatus,
     ClosableStore,
@@ -80,7 +81,7 @@ from ._telemetry import GLOBAL_PROVIDERS_FROM_ENV, DestinationTelemetry, telemet
 from ._timeout import run_with_timeout, watchdog
 from ._types import Clock, DedupResult, Outcome, Processor, RedisClient, Sleep
 
-__all__ = ["Outcome", "ProcessResult", "ReliabilityLayer", "current_lease", "dedup_scope"]
+__all__ = ["Outcome", "ProcessResult", "ReliabilityLayer", "StagedCompletion", "current_lease", "dedup_scope"]
 
 log = logging.getLogger("streamwarden")
 
@@ -97,6 +98,33 @@ _COUNTER_OF_OUTCOME = {
 }
 
 
+class StagedCompletion:
+    """A dedup completion the layer left to its caller, to be written together with others (group
+    commit): the lease to complete, the record's TTL and the payload fingerprint.
+
+    A stream runner stages the completions of the messages that finish while its previous commit is in
+    flight and writes them, with their acknowledgements, in one round trip. Until it is written, the
+    record stays leased: a crash in between lets the lease expire and the redelivery is a counted
+    takeover (``ClaimResult.takeover``), never an uncounted re-execution.
+    """
+
+    __slots__ = ("fingerprint", "lease", "route", "ttl")
+
+    def __init__(self, route: _Route, lease: Lease, ttl: float, fingerprint: str | None) -> None:
+        self.route = route
+        self.lease = lease
+        self.ttl = ttl
+        self.fingerprint = fingerprint
+
+    @property
+    def store(self) -> DedupStore:
+        """The dedup store the completion belongs to."""
+        return self.route.store
+
+    def __repr__(self) -> str:
+        return f"<StagedCompletion {self.lease.message_id!r} fence={self.lease.fencing_token}>"
+
+
 class ProcessResult(NamedTuple):
     """The outcome of one message, with the processor's result or the error that ended it."""
 
@@ -106,6 +134,10 @@ class ProcessResult(NamedTuple):
     error: BaseException | None = None
     attempts: int = 0
     dead_letter: DeadLetterEntry | None = None
+    completion: StagedCompletion | None = None
+    """The dedup completion left to the caller (``process(stage_completion=True)``): write it with
+    :meth:`ReliabilityLayer.write_completions` (or a transport that commits it with its acknowledgement),
+    then pass the answers to :meth:`ReliabilityLayer.settle_completions`."""
 
     @property
     def should_ack(self) -> bool:
@@ -467,12 +499,18 @@ class ReliabilityLayer:
         destination: str | None = None,
         claim: ClaimResult | None = None,
         group: str | None = None,
+        stage_completion: bool = False,
     ) -> ProcessResult:
         """Process one message and return its :class:`ProcessResult`; never raises for a failed message.
 
         ``claim`` is the message's dedup claim when the caller made it (a stream runner claims a whole
         batch with :meth:`claim_batch`); the layer then owns that lease. ``group`` overrides the layer's
         consumer group for this message (a replay of another group's dead letter).
+
+        ``stage_completion=True`` (a stream runner's group commit): on success the dedup completion is
+        not written here but returned in :attr:`ProcessResult.completion`, for the caller to write with
+        others in one round trip (:meth:`write_completions`, :meth:`settle_completions`). Embedded
+        stores complete at once regardless (it costs nothing).
 
         Only a cancellation of the calling task propagates. Once the handler has started, a cancelled
         message keeps its claim until the lease expires, so a redelivery is a counted takeover.
@@ -521,7 +559,8 @@ class ReliabilityLayer:
             mid, headers, delivery = env.id, env.headers, env.delivery_count
         if traced:
             span = telemetry.start_process_span(dt, mid, delivery, headers)
-            token = otel_context.attach(trace.set_span_in_context(span)) if span.is_recording() else None
+            # attached even when sampled out: a dead letter then links its kept root span to this context
+            token = otel_context.attach(trace.set_span_in_context(span))
         else:  # no SDK: skip the API's no-op span machinery entirely
             span, token = INVALID_SPAN, None
         failure_type: str | None = None
@@ -549,7 +588,9 @@ class ReliabilityLayer:
                     self._took_over(mid, dt, span)
                 if claim.attempt > self._poison_max_attempts:
                     return await self._poison(route, mid, env, headers, message, claim.attempt, lease)
-            result = await self._run(route, mid, env, headers, message, processor, lease, fingerprint)
+            result = await self._run(
+                route, mid, env, headers, message, processor, lease, fingerprint, stage_completion
+            )
             handler_ran = result.attempts > 0
             if result.outcome is _PROCESSED:
                 if span is not INVALID_SPAN and span.is_recording():
@@ -583,6 +624,7 @@ class ReliabilityLayer:
         processor: Processor,
         lease: Lease | None,
         fingerprint: str | None,
+        stage: bool = False,
     ) -> ProcessResult:
         """Run the handler on a claimed message: the first attempt inline (the hot path, outside
         tenacity), retries and failure handling in :meth:`_after_failure`, then the completion mark."""
@@ -640,8 +682,11 @@ class ReliabilityLayer:
                 breaker.record_success(admission)
                 attempts = 1
             # The handler's effect has happened: the claim is completed, never released.
+            staged: StagedCompletion | None = None
             if lease is not None:
-                if route.complete_nowait is not None:
+                if stage and route.complete_nowait is None:
+                    staged = StagedCompletion(route, lease, self._dedup_policy.ttl, fingerprint)
+                elif route.complete_nowait is not None:
                     try:
                         if not route.complete_nowait(lease, self._dedup_policy.ttl, fingerprint):
                             self._lease_lost(lease, route.dt)
@@ -652,7 +697,7 @@ class ReliabilityLayer:
             # _finish(PROCESSED) written out: the common case, on the hot path
             route.dt.outcomes[_PROCESSED_KEY].value += 1
             self._counts[_COUNT_PROCESSED] += 1
-            return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, attempts, None))
+            return _tuple_new(ProcessResult, (_PROCESSED, mid, value, None, attempts, None, staged))
         except BaseException:
             # Cancelled. Before the handler started, the claim is given back at once (not an attempt);
             # after, it is kept until the lease expires: a redelivery is then a counted takeover.
@@ -783,7 +828,7 @@ class ReliabilityLayer:
             outcome is Outcome.DEAD_LETTERED
         ):  # messages_failed counts every failed message (as in the original module)
             self._counts[n.COUNTER_FAILED] += 1
-        return _tuple_new(ProcessResult, (outcome, message_id, result, error, attempts, entry))
+        return _tuple_new(ProcessResult, (outcome, message_id, result, error, attempts, entry, None))
 
     # --- dedup answers ----------------------------------------------------------------------------
     def _dedup_failed(
@@ -831,7 +876,51 @@ class ReliabilityLayer:
         except Exception as exc:
             self._completion_failed(lease, route.dt, exc)
 
-    def _completion_failed(self, lease: Lease, dt: DestinationTelemetry, exc: Exception) -> None:
+    async def write_completions(self, staged: Sequence[StagedCompletion]) -> list[bool] | BaseException:
+        """Write staged completions, one ``complete_many`` round trip per store; the answers (``True``:
+        completed, ``False``: the lease had been taken over), or the error that stopped the write.
+
+        The caller passes what this returns to :meth:`settle_completions`; nothing here raises.
+        """
+        if not staged:
+            return []
+        answers: list[bool] = [False] * len(staged)
+        by_store: dict[int, list[int]] = {}
+        for index, item in enumerate(staged):
+            by_store.setdefault(id(item.route.store), []).append(index)
+        try:
+            for indexes in by_store.values():
+                items = [staged[i] for i in indexes]
+                store = items[0].route.store
+                leases = [item.lease for item in items]
+                fingerprints = [item.fingerprint for item in items]
+                if isinstance(store, BatchCompletingStore):
+                    done = await store.complete_many(leases, items[0].ttl, fingerprints)
+                else:
+                    done = [
+                        await store.complete(lease, items[0].ttl, fp)
+                        for lease, fp in zip(leases, fingerprints, strict=True)
+                    ]
+                for i, ok in zip(indexes, done, strict=True):
+                    answers[i] = ok
+        except Exception as exc:
+            return exc
+        return answers
+
+    def settle_completions(
+        self, staged: Sequence[StagedCompletion], answers: Sequence[bool] | BaseException
+    ) -> None:
+        """Account for written staged completions: a refused one is a lost lease, an error is a dedup
+        error (the effect happened, the mark did not: a redelivery is a counted takeover)."""
+        if isinstance(answers, BaseException):
+            for item in staged:
+                self._completion_failed(item.lease, item.route.dt, answers)
+            return
+        for item, ok in zip(staged, answers, strict=True):
+            if not ok:
+                self._lease_lost(item.lease, item.route.dt)
+
+    def _completion_failed(self, lease: Lease, dt: DestinationTelemetry, exc: BaseException) -> None:
         """The effect happened but the completion mark did not: a redelivery may run it again."""
         dt.dedup[DedupResult.ERROR].value += 1
         self._counts[n.COUNTER_DEDUP_ERRORS] += 1

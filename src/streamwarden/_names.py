@@ -63,6 +63,8 @@ ATTR_BREAKER_STATE: Final = "streamwarden.circuit_breaker.state"
 ATTR_BREAKER_FROM: Final = "streamwarden.circuit_breaker.from"
 ATTR_BREAKER_TO: Final = "streamwarden.circuit_breaker.to"
 ATTR_DLQ_REASON: Final = "streamwarden.dlq.reason"
+#: On a span that must be exported whatever the sampling ratio (a dead letter's root span): see _sampling.
+ATTR_SAMPLING_KEEP: Final = "streamwarden.sampling.keep"
 ATTR_DLQ_ENTRY_ID: Final = "streamwarden.dlq.entry_id"
 ATTR_REPLAY_RESULT: Final = "streamwarden.dlq.replay.result"
 ATTR_RETRY_RESULT: Final = "streamwarden.retry.result"

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 from opentelemetry.metrics import _internal as _metrics_internal
-from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, Span, SpanKind
+from opentelemetry.trace import Link, NoOpTracerProvider, ProxyTracerProvider, Span, SpanContext, SpanKind
 
 from . import _names as n
 from ._breaker import (
@@ -475,22 +476,42 @@ class Telemetry:
         )
 
     def dlq_send_span(
-        self, destination: str, dlq_name: str, reason: str, error_type: str, system: str
+        self,
+        destination: str,
+        dlq_name: str,
+        reason: str,
+        error_type: str,
+        system: str,
+        unsampled_parent: SpanContext | None = None,
     ) -> AbstractContextManager[Span]:
         """The PRODUCER ``send {destination}.dlq`` span around a dead-letter write (current span: its
         parent, the failed ``process`` span). ``dlq_name`` is where the entry really goes (the Redis key
-        or the Kafka topic), for ``messaging.destination.name``."""
+        or the Kafka topic), for ``messaging.destination.name``.
+
+        ``unsampled_parent``: the failed ``process`` span was not sampled (a ratio sampler). The span is
+        then a new root, linked to that context and marked ``streamwarden.sampling.keep`` so that
+        :class:`~streamwarden.KeepFailures` exports it: every dead letter has a trace.
+        """
+        attributes: dict[str, Any] = {
+            n.ATTR_MESSAGING_SYSTEM: system,
+            n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_SEND,
+            n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_SEND,
+            n.ATTR_MESSAGING_DESTINATION: dlq_name,
+            n.ATTR_DLQ_REASON: reason,
+            n.ATTR_ERROR_TYPE: error_type,
+        }
+        links: list[Link] = []
+        context = None
+        if unsampled_parent is not None:
+            attributes[n.ATTR_SAMPLING_KEEP] = True
+            links.append(Link(unsampled_parent))
+            context = otel_context.Context()  # no parent: a root span of its own trace
         return self.tracer.start_as_current_span(
             n.SPAN_DLQ_SEND.format(destination=destination),
+            context=context,
             kind=SpanKind.PRODUCER,
-            attributes={
-                n.ATTR_MESSAGING_SYSTEM: system,
-                n.ATTR_MESSAGING_OPERATION_NAME: n.OPERATION_SEND,
-                n.ATTR_MESSAGING_OPERATION_TYPE: n.OPERATION_SEND,
-                n.ATTR_MESSAGING_DESTINATION: dlq_name,
-                n.ATTR_DLQ_REASON: reason,
-                n.ATTR_ERROR_TYPE: error_type,
-            },
+            attributes=attributes,
+            links=links,
             record_exception=False,
             set_status_on_exception=False,
         )
@@ -659,6 +680,7 @@ def configure_telemetry(
     prometheus_host: str = "127.0.0.1",
     export_interval_ms: int | None = None,
     set_global: bool = True,
+    sampler: Any = None,
 ) -> tuple[Any, Any]:
     """Set up the OpenTelemetry SDK for an application; returns ``(tracer_provider, meter_provider)``.
 
@@ -667,12 +689,19 @@ def configure_telemetry(
     neither is set), ``OTEL_EXPORTER_OTLP_*`` options read by the exporters themselves, and
     ``OTEL_METRIC_EXPORT_INTERVAL``. ``prometheus_port`` starts a ``/metrics`` endpoint (the
     conventional port is 9464) bound to ``prometheus_host``.
+
+    Sampling: ``sampler`` (default: the SDK's, from ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``)
+    is wrapped in :class:`~streamwarden.KeepFailures`, so a dead-lettered message always has an exported
+    trace, however low the ratio.
     """
     from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import _get_from_env_or_default
+
+    from ._sampling import KeepFailures
 
     attributes: dict[str, str] = {}
     if service_name and not os.environ.get("OTEL_SERVICE_NAME"):
@@ -680,7 +709,9 @@ def configure_telemetry(
     resource = Resource.create(attributes)
     endpoint = otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
-    tracer_provider = SdkTracerProvider(resource=resource)
+    chosen = sampler if sampler is not None else _get_from_env_or_default()
+    keep = chosen if isinstance(chosen, KeepFailures) else KeepFailures(chosen)
+    tracer_provider = SdkTracerProvider(resource=resource, sampler=keep)
     readers: list[MetricReader] = []
     if endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter

@@ -35,9 +35,10 @@ Payload (a JSON object; unknown keys are ignored)::
 While the marker file ``CTRL/outage`` exists every message fails with ``ConnectionError`` (a downstream
 outage) right after its start line.
 
-The kill-before-ack hook wraps ``redis.asyncio.Redis.xack`` in this process only (test code, never in
-``src``): ``RedisStreamConsumer`` calls ``xack`` after ``layer.process`` returned, i.e. after the dedup
-completion script answered, so the process dies in exactly the window between completion and XACK.
+The kill-before-ack hook wraps ``redis.asyncio.Redis.xack`` and ``RedisDedupStore.complete_and_xack``
+in this process only (test code, never in ``src``). A processed message's completion and XACK go in one
+group-commit script, so the process dies after the effect with neither written; a dead-lettered one is
+acknowledged with ``xack`` after the confirmed DLQ write, so it dies between the two.
 """
 
 from __future__ import annotations
@@ -122,6 +123,22 @@ def _install_ack_trap() -> None:
         return original(self, name, groupname, *ids)
 
     redis.asyncio.Redis.xack = xack  # type: ignore[method-assign]
+
+    # The runner's group commit sends the completions and the XACK in one script: die before it is sent
+    # (the window is then "effect done, neither completion nor acknowledgement written").
+    from streamwarden._redis._dedup import RedisDedupStore
+
+    original_commit = RedisDedupStore.complete_and_xack
+
+    async def complete_and_xack(self: RedisDedupStore, *args: Any, **kwargs: Any) -> Any:
+        doomed = [_text(i) for i in kwargs.get("entry_ids", ()) if _text(i) in _die_on_ack]
+        if doomed:
+            append({"id": doomed[0], "phase": "die_before_ack", "src": doomed[0]})
+            os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(137)
+        return await original_commit(self, *args, **kwargs)
+
+    RedisDedupStore.complete_and_xack = complete_and_xack  # type: ignore[method-assign]
 
 
 _install_logging()

@@ -84,7 +84,9 @@ log = logging.getLogger("streamwarden")
 #   "op owner fence ms fingerprint" (op c claim, d complete, r release, u release of a lease whose
 #   handler never ran, x extend, l dead-letter mark, m mark completed, f forget, s state; empty fields
 #   allowed): one argument instead of five per key, and one string back, halve the client's encoding
-#   and parsing work for large batches. It returns "code value" per key, space-separated.
+#   and parsing work for large batches. It returns "code value" per key, space-separated. With
+#   ARGV[4] (a consumer group) the last key is a stream and ARGV[5...] are entry ids to XACK after the
+#   ops (a stream runner's group commit: completions and acknowledgements in one round trip).
 #
 # ``keep`` is how many ms a leased, released or dead-lettered record outlives its last change (its lease
 # or marker window). The single-op calls answer one integer: a claim value * 8 + code, a completion
@@ -158,7 +160,8 @@ elseif call == 'd' then
 elseif call ~= '*' then
   return redis.error_reply('ERR streamwarden dedup: unknown call ' .. tostring(call))
 end
-local out, i = {}, 0
+local out, i, nkeys, group = {}, 0, #KEYS, ARGV[4]
+if group then nkeys = nkeys - 1 end                       -- the last key is a stream to XACK
 for op, owner, fence, ms, fp in string.gmatch(ARGV[3], '(%a) (%S*) (%d*) (%d+) (%S*)\\n') do
   i = i + 1
   local key = KEYS[i]
@@ -215,8 +218,14 @@ for op, owner, fence, ms, fp in string.gmatch(ARGV[3], '(%a) (%S*) (%d*) (%d+) (
   end
   out[i] = code .. ' ' .. value
 end
-if i ~= #KEYS then
-  return redis.error_reply('ERR streamwarden dedup: ' .. i .. ' operations for ' .. #KEYS .. ' keys')
+if i ~= nkeys then
+  return redis.error_reply('ERR streamwarden dedup: ' .. i .. ' operations for ' .. nkeys .. ' keys')
+end
+if group then                                             -- group commit: the entries' XACK rides along
+  local stream = KEYS[#KEYS]
+  for j = 5, #ARGV, 1000 do
+    redis.call('XACK', stream, group, unpack(ARGV, j, math.min(j + 999, #ARGV)))
+  end
 end
 return table.concat(out, ' ')
 """
@@ -454,6 +463,11 @@ class RedisDedupStore:
             found._init_scope(scope)
         return found  # type: ignore[return-value]
 
+    @property
+    def client(self) -> Any:
+        """The Redis client this store talks through."""
+        return self._client
+
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "single"
         return f"<RedisDedupStore {self._prefix!r} {kind} deferred={len(self._pending)}>"
@@ -464,9 +478,13 @@ class RedisDedupStore:
         return self._prefix + _id_digest(message_id)
 
     # --- running the script -------------------------------------------------------------------
-    async def _call(self, *args: str) -> Any:
-        """One script call: ``args`` are the key count, the keys and the ARGV (see :data:`_SCRIPT`)."""
-        if self._dedicated and not self._link.busy:
+    async def _call(self, *args: str, ascii_args: bool = True) -> Any:
+        """One script call: ``args`` are the key count, the keys and the ARGV (see :data:`_SCRIPT`).
+
+        ``ascii_args=False``: some argument may not be ASCII (a stream or group name): let redis-py
+        encode them.
+        """
+        if self._dedicated and not self._link.busy and ascii_args:
             return await self._call_dedicated(args)
         client: Any = self._client
         try:
@@ -819,6 +837,65 @@ class RedisDedupStore:
         codes = [reply[2 * n] for n in range(len(ops))]
         for lease, fp, code in zip(leases, fps, codes, strict=True):
             if code == 1:  # 2: completed before; the record keeps its fingerprint and TTL
+                self._remember(lease.message_id, expires_at, fp)
+        return [code != 0 for code in codes]
+
+    async def complete_and_xack(
+        self,
+        leases: Sequence[Lease],
+        ttl_seconds: float,
+        fingerprints: Sequence[str | None],
+        *,
+        stream: str,
+        group: str,
+        entry_ids: Sequence[str],
+    ) -> list[bool]:
+        """Complete ``leases`` and ``XACK`` ``entry_ids`` of ``stream`` for ``group``, in one round trip.
+
+        The group commit of a Redis Streams runner: the completions of the messages that finished while
+        the previous commit was in flight, and the acknowledgements of every entry whose outcome is
+        final, in one script on a single node (atomic: either both land or neither), so a crash leaves
+        an entry pending *and* its record leased, and the redelivery is a counted takeover. On a cluster
+        the completions go first (one script per slot, one pipeline), then the ``XACK``.
+        ``stream`` must live on this store's Redis. Completions queued by ``defer_completions`` go too.
+        Raises what Redis raises (then nothing is known to have landed).
+        """
+        fps = [_wire_fingerprint(fp) if fp else "" for fp in fingerprints]
+        expires_at = self._clock() + ttl_seconds
+        ttl_ms = str(_milliseconds(ttl_seconds))
+        key_of = self.key
+        keys = [key_of(lease.message_id) for lease in leases]
+        lines = [
+            f"d {lease.owner} {lease.fencing_token} {ttl_ms} {fp}\n"
+            for lease, fp in zip(leases, fps, strict=True)
+        ]
+        if self._cluster:
+            reply = await self._run(keys, lines) if keys else []
+            if entry_ids:
+                await self._client.xack(stream, group, *entry_ids)
+        else:
+            pending = self._pending
+            if pending:
+                self._pending = []
+                keys = [entry[1] for entry in pending] + keys
+                lines = [_completion_line(entry) for entry in pending] + lines
+            ascii_args = stream.isascii() and group.isascii()
+            try:
+                raw = await self._call(
+                    str(len(keys) + 1), *keys, stream, "*", self._keep, "".join(lines), group, *entry_ids,
+                    ascii_args=ascii_args,
+                )  # fmt: skip
+            except BaseException:
+                if pending:
+                    self._pending[:0] = pending
+                raise
+            reply = list(map(int, raw.split())) if raw else []
+            if pending:
+                self._settle(pending, reply)
+                reply = reply[2 * len(pending) :]
+        codes = [reply[2 * n] for n in range(len(leases))]
+        for lease, fp, code in zip(leases, fps, codes, strict=True):
+            if code == 1:
                 self._remember(lease.message_id, expires_at, fp)
         return [code != 0 for code in codes]
 

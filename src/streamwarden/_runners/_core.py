@@ -85,17 +85,19 @@ from .._dedup import ClaimResult, ClaimStatus
 from .._dlq import DepthRefreshing
 from .._envelope import Envelope
 from .._exceptions import ConfigurationError
-from .._layer import ProcessResult, ReliabilityLayer
+from .._layer import ProcessResult, ReliabilityLayer, StagedCompletion
 from .._retry import Backoff, ExponentialBackoff
 from .._types import Clock, Processor, Sleep
 from ._health import Health
 
 __all__ = [
     "Backlog",
+    "CommittingTransport",
     "ConsumerRunner",
     "ConsumerStats",
     "Delivery",
     "ErrorKind",
+    "Pausable",
     "Reclaimed",
     "Transport",
     "require_async_handler",
@@ -107,6 +109,8 @@ log = logging.getLogger("streamwarden.runner")
 _CANCEL_GRACE_S = 2.0
 # Bound on stopping each background companion (shared breaker sync, counter flusher) at shutdown.
 _COMPANION_STOP_S = 1.0
+# Tries of one group commit (completions + acknowledgements) before its entries are left to redelivery.
+_COMMIT_TRIES = 3
 # Bound on each I/O a health check makes (ping, DLQ depth, backlog).
 _PROBE_S = 2.0
 
@@ -178,6 +182,31 @@ class Transport(Protocol):
 
     def explain(self, error: BaseException) -> str:
         """One line: what went wrong and what to fix, for a configuration error."""
+
+
+@runtime_checkable
+class CommittingTransport(Protocol):
+    """A transport that writes dedup completions together with its acknowledgements (group commit)."""
+
+    async def commit(self, refs: Sequence[Hashable], staged: Sequence[StagedCompletion]) -> list[bool] | None:
+        """Complete ``staged`` and acknowledge ``refs`` in one round trip; the completions' answers, or
+        ``None`` when this transport cannot for these completions (the core then writes them through
+        the layer, then calls ``ack``). Raises when nothing is known to have landed."""
+
+
+@runtime_checkable
+class Pausable(Protocol):
+    """A transport that can stop fetching without leaving its group (Kafka: ``consumer.pause``).
+
+    The core calls :meth:`pause` when it stops reading because the circuit breaker is open and
+    :meth:`resume` when it reads again; a transport without these methods simply is not read meanwhile.
+    """
+
+    def pause(self) -> None:
+        """Stop fetching (keep the membership and the heartbeats)."""
+
+    def resume(self) -> None:
+        """Fetch again."""
 
 
 @dataclass
@@ -387,6 +416,7 @@ class ConsumerRunner:
         self._held: collections.deque[Delivery] = collections.deque()  # read, not yet claimed
         self._tails: dict[Hashable, asyncio.Task[None]] = {}  # last task per order key / message id
         self._acks: list[Hashable] = []
+        self._staged: list[StagedCompletion] = []
         self._ack_task: asyncio.Task[None] | None = None
         self._last_claim = -math.inf
         self._reclaim_more = False
@@ -529,10 +559,16 @@ class ConsumerRunner:
             wait = breaker.retry_after()
             if wait > 0:
                 self.stats.paused_for_breaker += 1
-                self._paused = True
+                if not self._paused:
+                    self._paused = True
+                    if isinstance(self.transport, Pausable):
+                        self.transport.pause()
                 await self._sleep_or_stop(wait)
                 return
-        self._paused = False
+        if self._paused:
+            self._paused = False
+            if isinstance(self.transport, Pausable):
+                self.transport.resume()
         now = self._clock()
         if now - self._last_metrics >= self.metrics_every_s:
             self._last_metrics = now
@@ -709,7 +745,7 @@ class ConsumerRunner:
             elif not ticket.shared:
                 await self._gate.shared(ticket)
             try:
-                result = await self.layer.process(env, self.handler, claim=claim)
+                result = await self.layer.process(env, self.handler, claim=claim, stage_completion=True)
             finally:
                 self._gate.release(ticket)
         except asyncio.CancelledError:
@@ -737,30 +773,67 @@ class ConsumerRunner:
         outcome = result.outcome.value
         self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
         self._acks.append(delivery.ref)
+        if result.completion is not None:
+            self._staged.append(result.completion)
         if self._ack_task is None:
             self._ack_task = asyncio.get_running_loop().create_task(self._send_acks())
 
     async def _send_acks(self) -> None:
-        """Ack what finished, one call for all of it: the entries that finish while one ack is in flight
-        go together in the next (group commit), so a batch costs a round trip, not one each."""
+        """Commit what finished, one round trip for all of it (group commit): the dedup completions and
+        the acknowledgements of the entries that finished while the previous commit was in flight go
+        together in the next one, so a batch costs a round trip or two, not one per message.
+
+        A completion is written before (or atomically with) its acknowledgement, never after: a crash
+        in between leaves the entry unacknowledged with its record leased, and the redelivery after the
+        lease is a counted takeover. A commit that fails is tried again (``_COMMIT_TRIES`` times, both
+        halves are idempotent); then the completions count as dedup errors and the entries stay
+        pending, to be redelivered (and taken over) later.
+        """
         try:
             while self._acks:
                 refs, self._acks = self._acks, []
-                try:
-                    await self.transport.ack(refs)
-                except Exception as exc:  # they stay pending; redeliveries are answered as duplicates
-                    self.stats.redis_errors += 1
-                    if self.transport.classify(exc) is ErrorKind.CONFIGURATION:
-                        self._fail(exc)
-                    log.warning(
-                        "ack of %d entries failed (%s): they will be redelivered and deduplicated",
-                        len(refs),
-                        self.layer.describe_error(exc),
-                    )
-                    continue
-                self.stats.acked += len(refs)
+                staged, self._staged = self._staged, []
+                for attempt in range(1, _COMMIT_TRIES + 1):
+                    try:
+                        await self._commit(refs, staged)
+                    except Exception as exc:
+                        self.stats.redis_errors += 1
+                        kind = self.transport.classify(exc)
+                        final = attempt == _COMMIT_TRIES or kind is not ErrorKind.TRANSIENT
+                        log.warning(
+                            "commit of %d entries failed (%s)%s",
+                            len(refs),
+                            self.layer.describe_error(exc),
+                            "; they will be redelivered" if final else "; trying again",
+                        )
+                        if final:
+                            if kind is ErrorKind.CONFIGURATION:
+                                self._fail(exc)
+                            if staged:
+                                self.layer.settle_completions(staged, exc)
+                            break
+                        await self._sleep(self._backoff.compute(attempt))
+                    else:
+                        self.stats.acked += len(refs)
+                        break
         finally:
             self._ack_task = None
+
+    async def _commit(self, refs: Sequence[Hashable], staged: Sequence[StagedCompletion]) -> None:
+        """One commit: through the transport's group commit where it can, else completions first (one
+        round trip per store), then the acknowledgement."""
+        transport = self.transport
+        if staged and isinstance(transport, CommittingTransport):
+            answers = await transport.commit(refs, staged)
+            if answers is not None:
+                self.layer.settle_completions(staged, answers)
+                return
+        if staged:
+            written = await self.layer.write_completions(staged)
+            self.layer.settle_completions(staged, written)
+            # a failed write is counted; the entries are acknowledged anyway, as with an unstaged
+            # completion that failed: the effect happened
+        await transport.ack(refs)
 
     # --- waiting --------------------------------------------------------------------------------
     async def _unless_stopped(self, operation: Awaitable[Any]) -> Any:

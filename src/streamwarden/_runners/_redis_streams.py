@@ -28,7 +28,8 @@ from opentelemetry import propagate
 from .. import _names as n
 from .._envelope import Envelope
 from .._exceptions import ConfigurationError
-from .._layer import ReliabilityLayer
+from .._layer import ReliabilityLayer, StagedCompletion
+from .._redis._dedup import RedisDedupStore
 from .._redis._wire import as_text
 from .._retry import Backoff, ExponentialBackoff
 from .._telemetry import telemetry_for
@@ -295,6 +296,32 @@ class RedisStreamsTransport:
         """``XACK`` every ref in one command."""
         try:
             await self.client.xack(self.stream, self.group, *refs)
+        except Exception as exc:
+            self._check_group(exc)
+            raise
+
+    async def commit(self, refs: Sequence[Hashable], staged: Sequence[StagedCompletion]) -> list[bool] | None:
+        """Group commit: complete ``staged`` and ``XACK`` ``refs`` in one round trip (one script), when
+        every completion belongs to one :class:`~streamwarden.RedisDedupStore` on this transport's client.
+
+        ``None`` when it cannot (another store, another client): the core then writes the completions
+        through the layer and acknowledges with :meth:`ack`. Raises what Redis raises; then nothing is
+        known to have landed, and the core tries again (both halves are idempotent).
+        """
+        store = staged[0].store if staged else None
+        if not isinstance(store, RedisDedupStore) or store.client is not self.client:
+            return None
+        if any(item.store is not store for item in staged):
+            return None
+        try:
+            return await store.complete_and_xack(
+                [item.lease for item in staged],
+                staged[0].ttl,
+                [item.fingerprint for item in staged],
+                stream=self.stream,
+                group=self.group,
+                entry_ids=[str(ref) for ref in refs],
+            )
         except Exception as exc:
             self._check_group(exc)
             raise
