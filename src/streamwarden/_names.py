@@ -45,6 +45,7 @@ ATTR_MESSAGING_SYSTEM: Final = "messaging.system"
 ATTR_MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
 ATTR_MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
 ATTR_MESSAGING_DESTINATION: Final = "messaging.destination.name"
+ATTR_MESSAGING_PARTITION: Final = "messaging.destination.partition.id"
 ATTR_MESSAGING_CONSUMER_GROUP: Final = "messaging.consumer.group.name"
 ATTR_MESSAGING_MESSAGE_ID: Final = "messaging.message.id"
 ATTR_ERROR_TYPE: Final = "error.type"
@@ -71,6 +72,7 @@ ATTR_RETRY_RESULT: Final = "streamwarden.retry.result"
 
 # --- attribute values ----------------------------------------------------------------------------
 MESSAGING_SYSTEM_DEFAULT: Final = "streamwarden"
+MESSAGING_SYSTEM_KAFKA: Final = "kafka"
 MESSAGING_SYSTEM_REDIS: Final = "redis"
 OPERATION_PROCESS: Final = "process"
 OPERATION_SEND: Final = "send"
@@ -93,6 +95,7 @@ METRIC_DLQ_REPLAYS: Final = "streamwarden.dlq.replays"
 METRIC_DLQ_WRITE_ERRORS: Final = "streamwarden.dlq.write_errors"
 METRIC_INVALID_MESSAGES: Final = "streamwarden.invalid_messages"
 METRIC_CONSUMER_LAG: Final = "streamwarden.consumer.lag"
+METRIC_CONSUMER_PARTITION_LAG: Final = "streamwarden.consumer.partition_lag"
 METRIC_CONSUMER_PENDING: Final = "streamwarden.consumer.pending"
 METRIC_CONSUMER_LOST: Final = "streamwarden.consumer.lost"
 METRIC_CONSUMER_OLDEST_PENDING_AGE: Final = "streamwarden.consumer.oldest_pending_age"
@@ -121,6 +124,7 @@ PROMETHEUS_NAMES: Final = {
     METRIC_DLQ_WRITE_ERRORS: "streamwarden_dlq_write_errors_total",
     METRIC_INVALID_MESSAGES: "streamwarden_invalid_messages_total",
     METRIC_CONSUMER_LAG: "streamwarden_consumer_lag",
+    METRIC_CONSUMER_PARTITION_LAG: "streamwarden_consumer_partition_lag",
     METRIC_CONSUMER_PENDING: "streamwarden_consumer_pending",
     METRIC_CONSUMER_LOST: "streamwarden_consumer_lost_total",
     METRIC_CONSUMER_OLDEST_PENDING_AGE: "streamwarden_consumer_oldest_pending_age_seconds",

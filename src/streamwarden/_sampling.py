@@ -53,6 +53,7 @@ class KeepFailures(Sampler):
         links: Sequence[Link] | None = None,
         trace_state: TraceState | None = None,
     ) -> SamplingResult:
+        """Record and sample a span marked ``streamwarden.sampling.keep``; ask the delegate otherwise."""
         if attributes and attributes.get(n.ATTR_SAMPLING_KEEP) is True:
             return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
         return self.delegate.should_sample(
@@ -60,6 +61,7 @@ class KeepFailures(Sampler):
         )
 
     def get_description(self) -> str:
+        """``KeepFailures{<the delegate's description>}``."""
         return f"KeepFailures{{{self.delegate.get_description()}}}"
 
 

@@ -267,6 +267,12 @@ class Telemetry:
             description="Entries in the stream not yet delivered to the consumer group (Redis >= 7).",
         )
         meter.create_observable_gauge(
+            n.METRIC_CONSUMER_PARTITION_LAG,
+            callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_PARTITION_LAG)],
+            unit="{message}",
+            description="Kafka: records of one partition not yet committed by the group (high watermark - committed).",
+        )
+        meter.create_observable_gauge(
             n.METRIC_CONSUMER_OLDEST_PENDING_AGE,
             callbacks=[lambda options: self._observe_consumer(n.METRIC_CONSUMER_OLDEST_PENDING_AGE)],
             unit="s",

@@ -1,4 +1,11 @@
-"""``streamwarden consume``: a handler on a Redis Streams consumer group, through the reliability layer."""
+"""``streamwarden consume``: a handler on a Redis Streams consumer group or a Kafka topic's consumer
+group (``--kafka-bootstrap`` and ``--topic``), through the reliability layer.
+
+Kafka is an optional dependency: its modules are imported only on the ``--kafka-bootstrap`` path, so
+this command (and ``--help``) work without aiokafka. With Kafka, Redis holds the dedup records and
+(``--dlq redis``) the dead letters when ``--redis-url`` (or ``STREAMWARDEN_REDIS_URL``) is given;
+without it the dedup store is the embedded one, which only one process can see.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from rich.markup import escape
 
 from ._common import (
     PORT,
+    CliError,
     GuardedCommand,
     RedisTarget,
     finite_float,
@@ -29,6 +37,20 @@ from ._common import (
 )
 
 __all__ = ["consume"]
+
+# The values of streamwarden._runners._kafka.KafkaOrdering, spelled here so that --help needs no aiokafka.
+KAFKA_ORDERINGS = ("partition", "key", "unordered")
+# Options of one transport only: given (on the command line) for the other one, they are a usage error.
+_REDIS_ONLY = ("claim_idle_ms", "claim_every", "ordered_by_key")
+_KAFKA_ONLY = (
+    "ordering",
+    "id_header",
+    "dlq",
+    "start_from",
+    "revoke_timeout",
+    "session_timeout_ms",
+    "max_poll_interval_ms",
+)
 
 
 @dataclass(frozen=True)
@@ -50,11 +72,55 @@ class _RunnerOptions:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class _KafkaOptions:
+    """The ``KafkaConsumerRunner`` arguments of one ``consume --kafka-bootstrap`` invocation."""
+
+    bootstrap_servers: str
+    topic: str
+    group: str
+    consumer: str
+    concurrency: int
+    batch_size: int
+    poll_timeout_ms: int
+    ordering: str
+    id_header: str
+    start_from: str
+    revoke_timeout: float
+    shutdown_timeout: float
+    consumer_options: dict[str, Any]
+
+    def kwargs(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
 @click.command(cls=GuardedCommand)
 @redis_options()
-@click.option("--stream", required=True, callback=non_empty, help="Stream to consume.")
+@click.option("--stream", default=None, callback=non_empty, help="Redis stream to consume.")
+@click.option(
+    "--kafka-bootstrap",
+    envvar="STREAMWARDEN_KAFKA_BOOTSTRAP",
+    default=None,
+    callback=non_empty,
+    help="Consume a Kafka topic instead: bootstrap servers host:port[,host:port...] "
+    "(env STREAMWARDEN_KAFKA_BOOTSTRAP; needs streamwarden[kafka]).",
+)
+@click.option(
+    "--topic",
+    envvar="STREAMWARDEN_KAFKA_TOPIC",
+    default=None,
+    callback=non_empty,
+    help="Kafka topic to consume (env STREAMWARDEN_KAFKA_TOPIC).",
+)
 @click.option("--group", required=True, callback=non_empty, help="Consumer group (created if missing).")
-@click.option("--consumer", default=None, callback=non_empty, help="Consumer name (default: host-pid).")
+@click.option(
+    "--consumer",
+    "--consumer-name",
+    "consumer",
+    default=None,
+    callback=non_empty,
+    help="Consumer name (default: host-pid); the Kafka client id.",
+)
 @click.option(
     "--handler",
     "handler_spec",
@@ -73,7 +139,7 @@ class _RunnerOptions:
     default=64,
     show_default=True,
     type=click.IntRange(1, 10_000),
-    help="Entries read per XREADGROUP.",
+    help="Entries read per XREADGROUP (records per Kafka poll).",
 )
 @click.option(
     "--claim-idle-ms",
@@ -94,9 +160,60 @@ class _RunnerOptions:
     default=1000,
     show_default=True,
     type=click.IntRange(1, 3_600_000),
-    help="XREADGROUP block time (0 would block forever).",
+    help="XREADGROUP block time (0 would block forever); the Kafka poll timeout.",
 )
-@click.option("--ordered-by-key", is_flag=True, help="Handle messages with the same key in order.")
+@click.option("--ordered-by-key", is_flag=True, help="Handle messages with the same key in order (Redis).")
+@click.option(
+    "--ordering",
+    type=click.Choice(KAFKA_ORDERINGS),
+    default="key",
+    show_default=True,
+    help="Kafka: what runs in order: a partition's records, one key's records of a partition, or none.",
+)
+@click.option(
+    "--id-header",
+    envvar="STREAMWARDEN_KAFKA_ID_HEADER",
+    default="message_id",
+    show_default=True,
+    callback=non_empty,
+    help="Kafka: the header holding the message id (else the key, else topic/partition/offset).",
+)
+@click.option(
+    "--dlq",
+    type=click.Choice(("redis", "kafka")),
+    default=None,
+    help="Kafka: where dead letters go: Redis, or the topic {topic}.dlq (default: redis with "
+    "--redis-url, else kafka).",
+)
+@click.option(
+    "--start-from",
+    type=click.Choice(("earliest", "latest")),
+    default="earliest",
+    show_default=True,
+    help="Kafka: where a group without committed offsets starts.",
+)
+@click.option(
+    "--revoke-timeout",
+    default=5.0,
+    show_default=True,
+    type=finite_float(minimum=0),
+    help="Kafka: seconds a rebalance waits for in-flight records of revoked partitions.",
+)
+@click.option(
+    "--session-timeout-ms",
+    envvar="STREAMWARDEN_KAFKA_SESSION_TIMEOUT_MS",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1000, 3_600_000),
+    help="Kafka: the group session timeout (a dead member's partitions move after it).",
+)
+@click.option(
+    "--max-poll-interval-ms",
+    default=300_000,
+    show_default=True,
+    type=click.IntRange(1000, 2**31 - 1),
+    help="Kafka: the member leaves the group when it polls less often (raise it for slow handlers).",
+)
 @click.option(
     "--shutdown-timeout",
     default=30.0,
@@ -125,7 +242,9 @@ class _RunnerOptions:
 @log_level_option("INFO")
 def consume(
     redis_target: RedisTarget,
-    stream: str,
+    stream: str | None,
+    kafka_bootstrap: str | None,
+    topic: str | None,
     group: str,
     consumer: str | None,
     handler_spec: str,
@@ -135,6 +254,13 @@ def consume(
     claim_every: float,
     block_ms: int,
     ordered_by_key: bool,
+    ordering: str,
+    id_header: str,
+    dlq: str | None,
+    start_from: str,
+    revoke_timeout: float,
+    session_timeout_ms: int,
+    max_poll_interval_ms: int,
     shutdown_timeout: float,
     health_port: int | None,
     health_host: str,
@@ -143,7 +269,8 @@ def consume(
     otlp_endpoint: str | None,
     flush_every: float | None,
 ) -> None:
-    """Run a handler on a Redis Streams consumer group through the reliability layer.
+    """Run a handler on a Redis Streams consumer group (--stream) or a Kafka topic's consumer group
+    (--kafka-bootstrap, --topic) through the reliability layer.
 
     Settings come from STREAMWARDEN_* variables (e.g. STREAMWARDEN_EXHAUSTED_TRANSIENT_ACTION=defer).
     Logs breaker transitions, dead letters and takeovers at INFO (--log-level). Stops gracefully on
@@ -151,6 +278,13 @@ def consume(
     """
     from .._settings import ReliabilitySettings
 
+    ctx = click.get_current_context()
+    kafka = kafka_bootstrap is not None
+    _check_transport(ctx, stream=stream, kafka=kafka, topic=topic)
+    use_redis = ctx.get_parameter_source("redis_url") in _GIVEN
+    dead_letters = dlq or ("redis" if use_redis else "kafka")
+    if kafka and dead_letters == "redis" and not use_redis:
+        raise click.UsageError("--dlq redis needs --redis-url (or STREAMWARDEN_REDIS_URL)", ctx=ctx)
     handler = load_handler(handler_spec)
     overrides: dict[str, Any] = {"key_prefix": redis_target.key_prefix, "consumer_group": group}
     if flush_every is not None:
@@ -163,10 +297,36 @@ def consume(
         prometheus_port=prometheus_port,
         prometheus_host=prometheus_host,
     )
+    health = (health_host, health_port) if health_port is not None else None
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    if kafka_bootstrap is not None and topic is not None:
+        kafka_options = _KafkaOptions(
+            bootstrap_servers=kafka_bootstrap,
+            topic=topic,
+            group=group,
+            consumer=name,
+            concurrency=concurrency,
+            batch_size=batch_size,
+            poll_timeout_ms=block_ms,
+            ordering=ordering,
+            id_header=id_header,
+            start_from=start_from,
+            revoke_timeout=revoke_timeout,
+            shutdown_timeout=shutdown_timeout,
+            consumer_options={
+                "session_timeout_ms": session_timeout_ms,
+                "heartbeat_interval_ms": max(100, min(3000, session_timeout_ms // 3)),
+                "max_poll_interval_ms": max_poll_interval_ms,
+            },
+        )
+        target = redis_target if use_redis else None
+        asyncio.run(_consume_kafka(target, settings, handler, kafka_options, health, dead_letters))
+        return
+    assert stream is not None  # _check_transport
     options = _RunnerOptions(
         stream=stream,
         group=group,
-        consumer=consumer or f"{socket.gethostname()}-{os.getpid()}",
+        consumer=name,
         concurrency=concurrency,
         batch_size=batch_size,
         claim_idle_ms=claim_idle_ms,
@@ -175,8 +335,31 @@ def consume(
         ordered_by_key=ordered_by_key,
         shutdown_timeout=shutdown_timeout,
     )
-    health = (health_host, health_port) if health_port is not None else None
     asyncio.run(_consume(redis_target, settings, handler, options, health))
+
+
+_GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+
+
+def _check_transport(ctx: click.Context, *, stream: str | None, kafka: bool, topic: str | None) -> None:
+    """One transport: ``--stream`` (Redis) or ``--kafka-bootstrap`` with ``--topic``; the options of the
+    other one, given on the command line, are a usage error rather than silently ignored."""
+    if kafka and stream is not None:
+        raise click.UsageError(
+            "give either --stream (Redis) or --kafka-bootstrap with --topic, not both", ctx=ctx
+        )
+    if kafka and topic is None:
+        raise click.UsageError("--kafka-bootstrap needs --topic", ctx=ctx)
+    if not kafka and stream is None:
+        raise click.UsageError("missing --stream (or --kafka-bootstrap with --topic for Kafka)", ctx=ctx)
+    if not kafka and ctx.get_parameter_source("topic") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--topic needs --kafka-bootstrap", ctx=ctx)
+    wrong = _REDIS_ONLY if kafka else _KAFKA_ONLY
+    for name in wrong:
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            flag = "--" + name.replace("_", "-")
+            other = "Redis streams" if kafka else "Kafka (--kafka-bootstrap)"
+            raise click.UsageError(f"{flag} is an option for {other} only", ctx=ctx)
 
 
 def _text(value: str) -> str:
@@ -225,3 +408,69 @@ async def _consume(
         )
     finally:
         await client.aclose()
+
+
+async def _consume_kafka(
+    target: RedisTarget | None,
+    settings: Any,
+    handler: Callable[[Any], Awaitable[Any]],
+    options: _KafkaOptions,
+    health_at: tuple[str, int] | None,
+    dead_letters: str,
+) -> None:
+    try:
+        from .._runners._kafka import KafkaConsumerRunner
+    except ImportError as exc:
+        raise CliError(str(exc)) from exc
+    from .._layer import ReliabilityLayer
+    from .._runners import HealthServer
+
+    console = make_console(stderr=True)
+    client = target.client() if target is not None else None
+    store: Any = None
+    try:
+        if client is not None:
+            await client.ping()  # an unreachable Redis or a refused password fails here, in one line
+        else:
+            console.print(
+                "[yellow]warning:[/yellow] no --redis-url: the dedup records live in this process only; "
+                "another member of the group cannot see them (a rebalance may run a message twice)"
+            )
+        if dead_letters == "kafka":
+            from .._kafka import KafkaDeadLetterStore
+
+            store = KafkaDeadLetterStore(options.bootstrap_servers, **settings.dead_letter_store_options())
+        layer = ReliabilityLayer(client, settings, dead_letter_store=store)
+        for warning in await layer.verify_stores():
+            console.print(f"[yellow]warning:[/yellow] {warning}")
+        runner = KafkaConsumerRunner(handler=handler, layer=layer, redis_client=client, **options.kwargs())
+        health: HealthServer | None = None
+        if health_at is not None:
+            host, port = health_at
+            health = HealthServer(runner, host=host, port=port)
+            with listening("--health-port", host, port):
+                await health.start()
+        console.print(
+            f"consuming Kafka topic [bold]{_text(options.topic)}[/bold] as {_text(options.consumer)} in "
+            f"group {_text(options.group)} at {_text(options.bootstrap_servers)} "
+            f"(ordering {options.ordering}, dead letters to {dead_letters})"
+        )
+        try:
+            await runner.run_until_signal()
+        finally:
+            if health is not None:
+                await health.close()
+            await layer.aclose(timeout=1.0)
+        stats = runner.stats
+        console.print(
+            f"stopped: read {stats.read}, acked {stats.acked}, not acked {stats.not_acked}, "
+            f"outcomes {stats.outcomes}"
+        )
+    finally:
+        if store is not None:
+            try:
+                await asyncio.wait_for(store.aclose(), timeout=5.0)
+            except (Exception, TimeoutError) as exc:
+                console.print(f"[yellow]warning:[/yellow] closing the Kafka DLQ failed: {_text(repr(exc))}")
+        if client is not None:
+            await client.aclose()

@@ -617,7 +617,7 @@ class ConsumerRunner:
         self.stats.lost += len(refs)
         self._lost_counter.add(len(refs), self._attrs)
         log.error(
-            "stream %s: %d pending entries were deleted before processing (trimmed?): %s",
+            "%s: %d delivered entries can never be processed (deleted, trimmed or unreadable): %s",
             self.transport.destination,
             len(refs),
             ", ".join(refs[:10]),
