@@ -138,9 +138,7 @@ async def test_entries_trimmed_while_pending_are_counted_as_lost(rig: FaultRig) 
     assert rescuer.stats_line()["lost"] == 5
     # one log line per reclaim scan that found some (a scan takes at most the free slots); each record
     # is printed by two log handlers, so count distinct lines (their entry ids differ)
-    logged = set(
-        re.findall(r"(\d+) delivered entries can never be processed[^:]*: (.*)", rescuer.stderr())
-    )
+    logged = set(re.findall(r"(\d+) delivered entries can never be processed[^:]*: (.*)", rescuer.stderr()))
     assert sum(int(n) for n, _ids in logged) == 5, rescuer.stderr()
     assert rig.ledger().executed_ids() == set(ids_of(survivors))
     assert await rig.pending() == []

@@ -59,7 +59,9 @@ async def test_every_dead_letter_has_an_exported_trace_at_ten_percent() -> None:
         exported = {(format(s.context.trace_id, "032x"), format(s.context.span_id, "016x")) for s in spans}
         for result in dead:
             entry = result.dead_letter
-            assert entry is not None and entry.trace_id and entry.span_id
+            assert entry is not None
+            assert entry.trace_id
+            assert entry.span_id
             assert (entry.trace_id, entry.span_id) in exported, f"{entry.message_id}: no exported span"
         # successes were sampled: far fewer process spans than messages (10% +- noise), not all of them
         process_spans = [s for s in spans if s.name.startswith("process ")]
@@ -69,7 +71,8 @@ async def test_every_dead_letter_has_an_exported_trace_at_ten_percent() -> None:
         assert roots, "no dead letter needed a kept root (all failed process spans sampled?)"
         for root in roots:
             assert root.parent is None
-            assert len(root.links) == 1 and not root.links[0].context.trace_flags.sampled
+            assert len(root.links) == 1
+            assert not root.links[0].context.trace_flags.sampled
     finally:
         otel.tracer_provider.shutdown()
         otel.meter_provider.shutdown()
@@ -99,7 +102,8 @@ async def test_a_sampled_process_span_keeps_the_dlq_span_as_its_child() -> None:
         [process] = otel.spans("process orders")
         assert result.dead_letter.span_id == format(process.context.span_id, "016x")
         [send] = [s for s in otel.spans() if s.kind.name == "PRODUCER"]
-        assert send.parent is not None and send.parent.span_id == process.context.span_id
+        assert send.parent is not None
+        assert send.parent.span_id == process.context.span_id
         assert n.ATTR_SAMPLING_KEEP not in (send.attributes or {})
     finally:
         otel.tracer_provider.shutdown()

@@ -5,6 +5,13 @@ shared connection options of :func:`~._common.redis_options` (``--redis-url``, `
 ``--password``, ``--tls-ca-file``, ``--key-prefix`` and their ``STREAMWARDEN_*`` variables) and fails
 with one ``error:`` line (see :class:`~._common.GuardedCommand`).
 
+The ``dlq`` commands work on either dead-letter store through one code path (they take a
+:class:`~streamwarden.DeadLetterStore`): the Redis Streams store by default, the Kafka store with
+``--kafka-bootstrap`` (env ``STREAMWARDEN_KAFKA_BOOTSTRAP``; ``--dlq-topic`` names the DLQ topic when it
+is not ``{topic}.dlq``). ``--topic`` is another name of ``--destination``. ``replay`` on Kafka still uses
+Redis (``--redis-url``) for the dedup records, as the Kafka consumer does. aiokafka is imported only
+when ``--kafka-bootstrap`` is given.
+
 Tables and progress bars use rich; colour follows the terminal: none when output is not a TTY or when
 ``NO_COLOR`` is set. ``--json`` prints machine-readable output instead (valid UTF-8 even for ids that
 are not: their bytes appear as ``\\udcXX`` escapes).
@@ -18,12 +25,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import functools
+import logging
 import math
 import re
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
@@ -33,7 +42,7 @@ from rich.text import Text
 
 from .._breaker import BreakerState
 from .._counters import COUNTER_NAMES, with_rates
-from .._dlq import DeadLetterEntry
+from .._dlq import DeadLetterEntry, DeadLetterStore, DepthRefreshing
 from .._redis._breaker import read_shared_breakers
 from .._redis._counters import RedisCounterStore
 from .._redis._dlq import OmittedPayload, RedisDeadLetterStore, parse_entry_id
@@ -54,7 +63,13 @@ from ._common import (
     start_telemetry,
 )
 
-__all__ = ["DEFAULT_TRACE_URL_TEMPLATE", "register"]
+if TYPE_CHECKING:
+    from .._kafka._dlq import KafkaDeadLetterStore
+
+__all__ = ["DEFAULT_TRACE_URL_TEMPLATE", "KafkaDlqTarget", "kafka_options", "register"]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Opens the trace in Grafana Explore on the Tempo data source of ``compose/`` (uid ``tempo``).
 #: ``{trace_id}`` and ``{span_id}`` are substituted; nothing else in the template is interpreted.
@@ -130,9 +145,9 @@ def entry_dict(entry: DeadLetterEntry) -> dict[str, Any]:
     return out
 
 
-async def _require_destination(store: RedisDeadLetterStore, destination: str | None) -> None:
+async def _require_destination(store: DeadLetterStore, destination: str | None) -> None:
     """A ``--destination`` that names no dead-letter queue is a typo, not an empty queue."""
-    if destination is None:
+    if destination is None or not isinstance(store, DepthRefreshing):
         return
     known = await store.refresh_depths()
     if destination not in known:
@@ -152,7 +167,13 @@ def _time_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 def _destination_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
-        "--destination", "-d", default=None, callback=non_empty, help="Only this destination (stream)."
+        "--destination",
+        "-d",
+        "--topic",
+        "destination",
+        default=None,
+        callback=non_empty,
+        help="Only this destination (the Redis stream, or the Kafka topic whose DLQ to read).",
     )(func)
 
 
@@ -187,20 +208,131 @@ def _filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
 # --- dlq ---------------------------------------------------------------------------------------------
 @click.group(cls=GuardedGroup)
 def dlq() -> None:
-    """Inspect, replay and purge the dead-letter queue (Redis Streams)."""
+    """Inspect, replay and purge the dead-letter queue (Redis Streams, or Kafka with --kafka-bootstrap)."""
 
 
-def _store(client: Any, target: RedisTarget) -> RedisDeadLetterStore:
-    return RedisDeadLetterStore(client, key_prefix=target.key_prefix)
+@dataclasses.dataclass(frozen=True)
+class KafkaDlqTarget:
+    """Where the Kafka dead letters are (``--kafka-bootstrap``, ``--dlq-topic``)."""
+
+    bootstrap: str
+    dlq_topic: str | None = None
+
+    def store(self) -> KafkaDeadLetterStore:
+        """A :class:`~streamwarden.kafka.KafkaDeadLetterStore`: every DLQ topic of the cluster, or only
+        ``dlq_topic``."""
+        try:
+            from .._kafka._dlq import KafkaDeadLetterStore
+        except ImportError as exc:
+            raise CliError(
+                f"--kafka-bootstrap needs aiokafka ({exc}): pip install 'streamwarden[kafka]'"
+            ) from exc
+        if self.dlq_topic is None:
+            return KafkaDeadLetterStore(self.bootstrap, client_id="streamwarden-cli")
+        topic = self.dlq_topic
+        return KafkaDeadLetterStore(
+            self.bootstrap, topic_for=lambda _destination: topic, topics=[topic], client_id="streamwarden-cli"
+        )
+
+
+def _kafka_target(ctx: click.Context, bootstrap: str | None, dlq_topic: str | None) -> KafkaDlqTarget | None:
+    if bootstrap is None:
+        if dlq_topic is not None:
+            raise click.UsageError("--dlq-topic needs --kafka-bootstrap", ctx=ctx)
+        return None
+    return KafkaDlqTarget(bootstrap=bootstrap, dlq_topic=dlq_topic)
+
+
+def _dlq_topic(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,244}", value):
+        raise click.BadParameter(
+            f"{printable(repr(value))} is not a Kafka topic name ([A-Za-z0-9._-], at most 244 characters)",
+            ctx=ctx,
+            param=param,
+        )
+    return value
+
+
+def kafka_options(func: F) -> F:
+    """``--kafka-bootstrap`` (env ``STREAMWARDEN_KAFKA_BOOTSTRAP``) and ``--dlq-topic`` (env
+    ``STREAMWARDEN_KAFKA_DLQ_TOPIC``); the command gets ``kafka_target`` (``None``: the Redis store)."""
+    options = [
+        click.option(
+            "--kafka-bootstrap",
+            envvar="STREAMWARDEN_KAFKA_BOOTSTRAP",
+            default=None,
+            callback=non_empty,
+            help="Kafka bootstrap servers (host:port[,host:port]): read the Kafka dead-letter topics "
+            "instead of Redis (env STREAMWARDEN_KAFKA_BOOTSTRAP).",
+        ),
+        click.option(
+            "--dlq-topic",
+            envvar="STREAMWARDEN_KAFKA_DLQ_TOPIC",
+            default=None,
+            callback=_dlq_topic,
+            help="The Kafka DLQ topic to read (default: every '*.dlq' topic, or TOPIC.dlq with --topic; "
+            "env STREAMWARDEN_KAFKA_DLQ_TOPIC). Needs --kafka-bootstrap.",
+        ),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        target = _kafka_target(
+            click.get_current_context(), kwargs.pop("kafka_bootstrap"), kwargs.pop("dlq_topic")
+        )
+        kwargs["kafka_target"] = target
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _with_store(
+    redis_target: RedisTarget,
+    kafka_target: KafkaDlqTarget | None,
+    work: Callable[[DeadLetterStore, Any], Coroutine[Any, Any, T]],
+) -> T:
+    """Run ``work(store, redis_client)`` on the chosen dead-letter store (the Redis client is made in any
+    case but connects only when used: the Kafka store's replay needs it for the dedup records)."""
+
+    async def run(client: Any) -> T:
+        if kafka_target is None:
+            return await work(RedisDeadLetterStore(client, key_prefix=redis_target.key_prefix), client)
+        # aiokafka logs each failed connection attempt; without a configured handler Python would print
+        # them raw beside the one error line (a --log-level handler on the root still receives them)
+        kafka_log = logging.getLogger("aiokafka")
+        if not any(isinstance(h, logging.NullHandler) for h in kafka_log.handlers):
+            kafka_log.addHandler(logging.NullHandler())
+        async with kafka_target.store() as store:
+            return await work(store, client)
+
+    return redis_target.run(run)
+
+
+def _check_entry_id(entry_id: str, kafka_target: KafkaDlqTarget | None) -> None:
+    if kafka_target is not None:
+        from .._kafka._dlq import parse_entry_id as parse_kafka_entry_id
+
+        if parse_kafka_entry_id(entry_id) is None:
+            raise click.BadParameter(
+                f"{printable(repr(entry_id))} is not TOPIC/PARTITION/OFFSET", param_hint="'ENTRY_ID'"
+            )
+    elif parse_entry_id(entry_id) is None:
+        raise click.BadParameter(
+            f"{printable(repr(entry_id))} is not DESTINATION/STREAM-ID", param_hint="'ENTRY_ID'"
+        )
 
 
 @dlq.command("list")
 @redis_options()
+@kafka_options
 @_filter_options
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1), help="Entries to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one entry per line.")
 def dlq_list(
     redis_target: RedisTarget,
+    kafka_target: KafkaDlqTarget | None,
     destination: str | None,
     error_type: str | None,
     error_class: str | None,
@@ -211,14 +343,13 @@ def dlq_list(
 ) -> None:
     """List dead letters, oldest first."""
 
-    async def work(client: Any) -> list[DeadLetterEntry]:
-        store = _store(client, redis_target)
+    async def work(store: DeadLetterStore, client: Any) -> list[DeadLetterEntry]:
         await _require_destination(store, destination)
         return await store.list(
             destination, limit=limit, error_type=error_type, error_class=error_class, since=since, until=until
         )
 
-    entries = redis_target.run(work)
+    entries = _with_store(redis_target, kafka_target, work)
     if as_json:
         for entry in entries:
             click.echo(_json(entry_dict(entry)))
@@ -256,17 +387,10 @@ def dlq_list(
     console.print(table)
 
 
-def _entry_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if parse_entry_id(value) is None:
-        raise click.BadParameter(
-            f"{printable(repr(value))} is not DESTINATION/STREAM-ID", ctx=ctx, param=param
-        )
-    return value
-
-
 @dlq.command("show")
 @redis_options()
-@click.argument("entry_id", callback=_entry_id)
+@kafka_options
+@click.argument("entry_id")
 @click.option(
     "--trace-url-template",
     envvar="STREAMWARDEN_TRACE_URL",
@@ -275,13 +399,21 @@ def _entry_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "Default: Grafana Explore on the Tempo data source at localhost:3000.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the entry as JSON.")
-def dlq_show(redis_target: RedisTarget, entry_id: str, trace_url_template: str, as_json: bool) -> None:
-    """Print every field of one entry (ENTRY_ID is DESTINATION/STREAM-ID), with its trace link."""
+def dlq_show(
+    redis_target: RedisTarget,
+    kafka_target: KafkaDlqTarget | None,
+    entry_id: str,
+    trace_url_template: str,
+    as_json: bool,
+) -> None:
+    """Print every field of one entry (ENTRY_ID is DESTINATION/STREAM-ID on Redis,
+    TOPIC/PARTITION/OFFSET on Kafka), with its trace link."""
+    _check_entry_id(entry_id, kafka_target)
 
-    async def work(client: Any) -> DeadLetterEntry | None:
-        return await _store(client, redis_target).get(entry_id)
+    async def work(store: DeadLetterStore, client: Any) -> DeadLetterEntry | None:
+        return await store.get(entry_id)
 
-    entry = redis_target.run(work)
+    entry = _with_store(redis_target, kafka_target, work)
     if entry is None:
         raise CliError(f"no dead letter {printable(repr(entry_id))}")
     link = trace_url(trace_url_template, entry.trace_id, entry.span_id)
@@ -332,19 +464,23 @@ def _print_entry(console: Console, entry: DeadLetterEntry, link: str | None) -> 
 
 @dlq.command("count")
 @redis_options()
+@kafka_options
 @_destination_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dlq_count(redis_target: RedisTarget, destination: str | None, as_json: bool) -> None:
+def dlq_count(
+    redis_target: RedisTarget, kafka_target: KafkaDlqTarget | None, destination: str | None, as_json: bool
+) -> None:
     """Count dead letters per destination."""
 
-    async def work(client: Any) -> dict[str, int]:
-        store = _store(client, redis_target)
+    async def work(store: DeadLetterStore, client: Any) -> dict[str, int]:
         await _require_destination(store, destination)
         if destination is not None:
             return {destination: await store.count(destination)}
-        return {d: n for d, n in (await store.refresh_depths()).items() if n > 0}
+        if isinstance(store, DepthRefreshing):
+            return {d: n for d, n in (await store.refresh_depths()).items() if n > 0}
+        return {d: await store.count(d) for d in await store.destinations()}
 
-    counts = redis_target.run(work)
+    counts = _with_store(redis_target, kafka_target, work)
     if as_json:
         click.echo(_json({"destinations": counts, "total": sum(counts.values())}))
         return
@@ -359,6 +495,7 @@ def dlq_count(redis_target: RedisTarget, destination: str | None, as_json: bool)
 
 @dlq.command("replay")
 @redis_options()
+@kafka_options
 @_filter_options
 @click.option(
     "--handler",
@@ -402,6 +539,7 @@ def dlq_count(redis_target: RedisTarget, destination: str | None, as_json: bool)
 @log_level_option("WARNING")
 def dlq_replay(
     redis_target: RedisTarget,
+    kafka_target: KafkaDlqTarget | None,
     destination: str | None,
     error_type: str | None,
     error_class: str | None,
@@ -436,10 +574,9 @@ def dlq_replay(
     )
     console = make_console(stderr=as_json)
 
-    async def work(client: Any) -> ReplayReport:
+    async def work(store: DeadLetterStore, client: Any) -> ReplayReport:
         from .._layer import ReliabilityLayer
 
-        store = _store(client, redis_target)
         await _require_destination(store, destination)
         layer = ReliabilityLayer(client, settings, dead_letter_store=store)
         replayer = DeadLetterReplayer(layer, store, rate_per_second=rate or None)
@@ -478,7 +615,7 @@ def dlq_replay(
         finally:
             await layer.deduplication_manager.aclose()  # flushes deferred completions, if any
 
-    report = redis_target.run(work)
+    report = _with_store(redis_target, kafka_target, work)
     if as_json:
         click.echo(
             _json(
@@ -532,33 +669,41 @@ def _print_replay(console: Console, report: ReplayReport) -> None:
 
 @dlq.command("purge")
 @redis_options()
+@kafka_options
 @click.option(
-    "--destination", "-d", default=None, callback=non_empty, help="Only this destination (default: all)."
+    "--destination",
+    "-d",
+    "--topic",
+    "destination",
+    default=None,
+    callback=non_empty,
+    help="Only this destination (default: all).",
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def dlq_purge(redis_target: RedisTarget, destination: str | None, yes: bool) -> None:
+def dlq_purge(
+    redis_target: RedisTarget, kafka_target: KafkaDlqTarget | None, destination: str | None, yes: bool
+) -> None:
     """Delete dead letters for good (asks first unless --yes).
 
     Exits 1 when --destination names no dead-letter queue (a typo purges nothing).
     """
     where = printable(f"destination {destination!r}") if destination else "every destination"
 
-    async def count(client: Any) -> int:
-        store = _store(client, redis_target)
+    async def count(store: DeadLetterStore, client: Any) -> int:
         await _require_destination(store, destination)
         return await store.count(destination)
 
-    found = redis_target.run(count)
+    found = _with_store(redis_target, kafka_target, count)
     if not yes:
         if found == 0:
             click.echo(f"no dead letters in {where}")
             return
         click.confirm(f"Delete {found} dead letter(s) from {where}?", abort=True)
 
-    async def purge(client: Any) -> int:
-        return await _store(client, redis_target).purge(destination)
+    async def purge(store: DeadLetterStore, client: Any) -> int:
+        return await store.purge(destination)
 
-    removed = redis_target.run(purge)
+    removed = _with_store(redis_target, kafka_target, purge)
     click.echo(f"purged {removed} dead letter(s) from {where}")
 
 

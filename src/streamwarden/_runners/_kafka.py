@@ -97,8 +97,8 @@ from ._core import (
 from ._redis_streams import _decode_payload
 
 try:
-    import aiokafka  # type: ignore[import-untyped]
-    import aiokafka.errors as _kerr  # type: ignore[import-untyped]
+    import aiokafka
+    import aiokafka.errors as _kerr
 except ImportError as exc:  # pragma: no cover - the optional dependency
     raise ImportError("the Kafka transport needs aiokafka: pip install 'streamwarden[kafka]'") from exc
 
