@@ -40,6 +40,9 @@ class Envelope:
     source_ref: str | None = None
     delivery_count: int = 1
     key: str | None = None
+    #: span attributes of the transport for this message (Kafka: partition, offset, key), set on the
+    #: ``process`` span; empty for messages that do not come from a runner
+    attributes: Mapping[str, str | int] | None = None
 
 
 def coerce_message_id(raw: object) -> str | None:

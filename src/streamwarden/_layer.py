@@ -558,7 +558,9 @@ class ReliabilityLayer:
             env = read
             mid, headers, delivery = env.id, env.headers, env.delivery_count
         if traced:
-            span = telemetry.start_process_span(dt, mid, delivery, headers)
+            span = telemetry.start_process_span(
+                dt, mid, delivery, headers, env.attributes if env is not None else None
+            )
             # attached even when sampled out: a dead letter then links its kept root span to this context
             token = otel_context.attach(trace.set_span_in_context(span))
         else:  # no SDK: skip the API's no-op span machinery entirely

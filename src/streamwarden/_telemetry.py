@@ -465,9 +465,15 @@ class Telemetry:
         return self.metrics_on
 
     def start_process_span(
-        self, dt: DestinationTelemetry, message_id: str, delivery: int, headers: Mapping[str, str]
+        self,
+        dt: DestinationTelemetry,
+        message_id: str,
+        delivery: int,
+        headers: Mapping[str, str],
+        extra: Mapping[str, str | int] | None = None,
     ) -> Span:
-        """Start the CONSUMER ``process {destination}`` span, linked to a ``traceparent`` header.
+        """Start the CONSUMER ``process {destination}`` span, linked to a ``traceparent`` header;
+        ``extra``: the transport's attributes of this message (Kafka: partition, offset, key).
 
         Callers on the hot path ask :meth:`tracing_enabled` first and skip this without an SDK.
         """
@@ -477,6 +483,8 @@ class Telemetry:
             n.ATTR_MESSAGING_MESSAGE_ID: message_id,
             n.ATTR_DELIVERY_ATTEMPT: delivery,
         }
+        if extra:
+            attributes.update(extra)
         return self.tracer.start_span(
             dt.span_name, kind=SpanKind.CONSUMER, attributes=attributes, links=links
         )

@@ -270,3 +270,7 @@ async def test_spans_name_kafka_and_link_to_the_producer(
     assert process.attributes["messaging.destination.name"] == topic
     assert process.attributes["messaging.consumer.group.name"] == group
     assert [link.context.span_id for link in process.links] == [send.context.span_id]
+    # messaging.kafka.* per the semantic conventions, from the record
+    assert process.attributes["messaging.destination.partition.id"] == "0"
+    assert process.attributes["messaging.kafka.offset"] == 0
+    assert process.attributes["messaging.kafka.message.key"] == "cust-9"

@@ -322,6 +322,11 @@ def decode_record(
     payload: Any = None if value is None else _decode_payload(as_text(value))
     key_text = as_text(key) if key is not None else ""
     message_id = text_headers.get(id_header, "") or key_text or source_ref
+    attributes: dict[str, str | int] = {n.ATTR_MESSAGING_PARTITION: as_text(partition)}
+    if type(offset) is int:
+        attributes[n.ATTR_KAFKA_OFFSET] = offset
+    if key_text:
+        attributes[n.ATTR_KAFKA_KEY] = key_text
     return Envelope(
         id=message_id,
         payload=payload,
@@ -330,6 +335,7 @@ def decode_record(
         source_ref=source_ref,
         delivery_count=delivery_count,
         key=key_text or None,
+        attributes=attributes,
     )
 
 
