@@ -104,9 +104,17 @@ def decode_entry(
     Field names and values are text (bytes decoded as UTF-8 with ``surrogateescape``); anything that is
     not a mapping of fields reads as no fields.
     """
-    stream_id = as_text(entry_id)
+    stream_id = entry_id.decode("utf-8", "surrogateescape") if type(entry_id) is bytes else as_text(entry_id)
     decoded: dict[str, Any] = {}
-    if isinstance(fields, Mapping):
+    if type(fields) is dict:  # what redis-py hands out: one comprehension, no call per name
+        try:
+            decoded = {
+                (name.decode("utf-8", "surrogateescape") if type(name) is bytes else as_text(name)): value
+                for name, value in fields.items()
+            }
+        except Exception:  # pragma: no cover - a plain dict's items() does not fail
+            decoded = {}
+    elif isinstance(fields, Mapping):
         try:
             for name, value in fields.items():
                 decoded[as_text(name)] = value
@@ -117,10 +125,23 @@ def decode_entry(
     if raw_payload is None:
         payload = {name: as_text(value) for name, value in decoded.items()}
     else:
-        payload = _decode_payload(as_text(raw_payload))
-    headers = {h: as_text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
+        payload = _decode_payload(
+            raw_payload.decode("utf-8", "surrogateescape")
+            if type(raw_payload) is bytes
+            else as_text(raw_payload)
+        )
+    headers = (
+        {h: as_text(decoded[h]) for h in (FIELD_TRACEPARENT, FIELD_TRACESTATE) if h in decoded}
+        if FIELD_TRACEPARENT in decoded or FIELD_TRACESTATE in decoded
+        else {}
+    )
     raw_id = decoded.get(id_field)
-    message_id = as_text(raw_id) if raw_id is not None else ""
+    if raw_id is None:
+        message_id = ""
+    elif type(raw_id) is bytes:
+        message_id = raw_id.decode("utf-8", "surrogateescape")
+    else:
+        message_id = as_text(raw_id)
     raw_key = decoded.get(FIELD_KEY)
     key = as_text(raw_key) if raw_key is not None else None
     return Envelope(
