@@ -590,3 +590,46 @@ async def test_acks_of_messages_finishing_together_go_in_one_call(
         await until(lambda: len(group.acked) == 5)
     assert [len(call) for call in group.ack_calls] == [1, 4]
     assert runner.stats.acked == 5
+
+
+async def test_the_worker_pool_runs_handlers_that_wait_concurrently_up_to_the_limit(
+    clock: Clock, make_layer: Callable[..., sw.ReliabilityLayer]
+) -> None:
+    """Messages free to start run on long-lived workers, not a task each: handlers that await run side by
+    side, never more than ``concurrency`` at once, and the pool never grows past ``concurrency``."""
+    group = MemoryGroup(clock)
+    ids = [f"w{i}" for i in range(12)]
+    for mid in ids:
+        group.add(mid)
+    handler = Handler(*ids)  # every handler blocks until released
+    runner = ConsumerRunner(
+        group, handler=handler, layer=make_layer(), concurrency=5, clock=clock, sleep=RecordingSleep(clock)
+    )
+    async with running(runner):
+        await until(lambda: sum(1 for mid in ids if handler.started[mid].is_set()) == 5)
+        await settle()
+        assert sum(1 for mid in ids if handler.started[mid].is_set()) == 5, "no more than concurrency"
+        assert runner.in_flight == 5
+        assert len(runner._workers) == 5
+        handler.release_all()
+        await until(lambda: len(group.acked) == 12)
+    assert runner.stats.outcomes == {"processed": 12}
+    assert not runner._workers, "the workers end with the runner"
+
+
+async def test_a_handler_that_never_awaits_runs_a_whole_batch_on_one_worker(
+    clock: Clock, make_layer: Callable[..., sw.ReliabilityLayer]
+) -> None:
+    """The baton: a worker wakes the next only when it takes a job with more queued; a handler that never
+    suspends lets one worker run the batch, so the pool costs no event-loop round per message."""
+    group = MemoryGroup(clock)
+    for i in range(40):
+        group.add(f"q{i}")
+    handler = Handler()
+    runner = ConsumerRunner(
+        group, handler=handler, layer=make_layer(), concurrency=64, clock=clock, sleep=RecordingSleep(clock)
+    )
+    async with running(runner):
+        await until(lambda: len(group.acked) == 40)
+        assert len(runner._workers) <= 2
+    assert runner.stats.outcomes == {"processed": 40}

@@ -4,7 +4,10 @@ One loop per consumer::
 
     reclaim idle entries of dead consumers (periodically, at most `room` of them) ─► claimed ONE BY ONE
     read at most `room` new entries ─────────────────────────────────────────────► ONE batch claim
-        ─► a task per entry: per-key / per-id order, the isolation gate, layer.process(claim=...)
+        ─► entries free to start run on a pool of long-lived workers (at most ``concurrency``; a
+           worker taking a job wakes the next only if more wait, so a handler that never suspends
+           runs a whole batch in one go); entries waiting for a predecessor (same key / id) or for
+           the isolation gate get a task of their own: layer.process(claim=..., stage_completion=True)
         ─► ack the entries whose Outcome says so (group commit: one ack call for all that finished
            while the previous one was in flight)
 
@@ -239,6 +242,36 @@ class _Ticket:
     exclusive: bool = False
 
 
+class _Job:
+    """A message run by the worker pool (claimed with its batch, no predecessor, not a suspect).
+
+    Later messages of its chain wait for it through :meth:`finished` (a future made only if asked).
+    """
+
+    __slots__ = ("_future", "claim", "delivery", "done", "keys", "ticket")
+
+    def __init__(self, delivery: Delivery, claim: Any, ticket: _Ticket, keys: tuple[Hashable, ...]) -> None:
+        self.delivery = delivery
+        self.claim = claim
+        self.ticket = ticket
+        self.keys = keys
+        self.done = False
+        self._future: asyncio.Future[None] | None = None
+
+    async def finished(self) -> None:
+        """Until the job has run (whatever its outcome)."""
+        if self.done:
+            return
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._future)
+
+    def finish(self) -> None:
+        self.done = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+
 class _IsolationGate:
     """Shared/exclusive gate: normal messages share it, a suspect takes it alone.
 
@@ -412,9 +445,16 @@ class ConsumerRunner:
         self.stats = ConsumerStats()
         self._stop = asyncio.Event()
         self._gate = _IsolationGate()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: set[asyncio.Task[None]] = set()  # messages run by a task of their own
+        # the worker pool: messages free to start run on long-lived workers, not a task each
+        self._jobs: set[_Job] = set()  # queued or running on a worker
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._waking = 0  # workers woken (or started) that have not looked at the queue yet
+        self._slot_freed: asyncio.Future[None] | None = None
         self._held: collections.deque[Delivery] = collections.deque()  # read, not yet claimed
-        self._tails: dict[Hashable, asyncio.Task[None]] = {}  # last task per order key / message id
+        self._tails: dict[Hashable, asyncio.Task[None] | _Job] = {}  # last one per order key / message id
         self._acks: list[Hashable] = []
         self._staged: list[StagedCompletion] = []
         self._ack_task: asyncio.Task[None] | None = None
@@ -454,7 +494,7 @@ class ConsumerRunner:
     @property
     def in_flight(self) -> int:
         """Messages being processed right now."""
-        return len(self._inflight)
+        return len(self._inflight) + len(self._jobs)
 
     async def run_until_signal(self) -> None:
         """:meth:`run`, stopping gracefully on SIGTERM or SIGINT."""
@@ -598,17 +638,15 @@ class ConsumerRunner:
             await self._dispatch_batch(deliveries)
 
     def _room(self) -> int:
-        return self.concurrency - len(self._inflight) - len(self._held)
+        return self.concurrency - len(self._inflight) - len(self._jobs) - len(self._held)
 
     async def _wait_for_room(self) -> bool:
         """Until a slot is free and no suspect is isolating (``False`` if stopped first)."""
         while not self._stop.is_set():
             if self._gate.isolating:
                 await self._until_stopped(self._gate.wait_clear())
-            elif len(self._inflight) >= self.concurrency:
-                await self._until_stopped(
-                    asyncio.wait(set(self._inflight), return_when=asyncio.FIRST_COMPLETED)
-                )
+            elif len(self._inflight) + len(self._jobs) >= self.concurrency:
+                await self._until_stopped(self._a_slot_frees())
             else:
                 return True
         return False
@@ -629,8 +667,8 @@ class ConsumerRunner:
         mid: Hashable = ("id", delivery.envelope.id)
         return (mid,) if delivery.order_key is None else (mid, ("key", delivery.order_key))
 
-    def _predecessors(self, keys: Iterable[Hashable]) -> list[asyncio.Task[None]]:
-        found: list[asyncio.Task[None]] = []
+    def _predecessors(self, keys: Iterable[Hashable]) -> list[asyncio.Task[None] | _Job]:
+        found: list[asyncio.Task[None] | _Job] = []
         for key in keys:
             tail = self._tails.get(key)
             if tail is not None and tail not in found:
@@ -663,7 +701,7 @@ class ConsumerRunner:
     async def _dispatch_held(self) -> None:
         """Reclaimed entries: claimed one at a time, and none after a takeover until it has run alone."""
         while self._held and not self._stop.is_set():
-            if self._gate.isolating or len(self._inflight) >= self.concurrency:
+            if self._gate.isolating or len(self._inflight) + len(self._jobs) >= self.concurrency:
                 return
             delivery = self._held.popleft()
             ticket = _Ticket()
@@ -697,6 +735,14 @@ class ConsumerRunner:
 
     def _start(self, delivery: Delivery, claim: Any, ticket: _Ticket) -> None:
         keys = self._chain_keys(delivery)
+        if claim is not _LATE and ticket.shared:  # free to start now: a worker runs it
+            job = _Job(delivery, claim, ticket, keys)
+            self._jobs.add(job)
+            for key in keys:
+                self._tails[key] = job
+            self._queue.append(job)
+            self._wake_worker()
+            return
         predecessors = self._predecessors(keys) if claim is _LATE else []
         task = asyncio.create_task(self._handle(delivery, claim, ticket, predecessors))
         self._inflight.add(task)
@@ -705,10 +751,95 @@ class ConsumerRunner:
         for key in keys:
             self._tails[key] = task
 
+    # --- the worker pool --------------------------------------------------------------------------
+    def _wake_worker(self) -> None:
+        """Make sure a worker will look at the queue: wake an idle one, or start one while the pool is
+        below ``concurrency``. A worker that takes a job wakes the next one if jobs are left, so a
+        handler that awaits I/O never holds up the queue, and one that does not runs a whole batch
+        in one go (no task, no event-loop round per message)."""
+        if self._waking:  # one is on its way already; it passes the baton on
+            return
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                return
+        if len(self._workers) < self.concurrency:
+            self._waking += 1
+            worker = asyncio.get_running_loop().create_task(self._worker())
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waking -= 1  # started by _wake_worker
+        while True:
+            if not self._queue:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                try:
+                    await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():  # woken, then cancelled
+                        self._waking -= 1
+                    raise
+                self._waking -= 1
+                continue
+            job = self._queue.popleft()
+            if self._queue:
+                self._wake_worker()
+            try:
+                await self._handle(job.delivery, job.claim, job.ticket, ())
+            except asyncio.CancelledError:  # shutdown: this job and the queued ones are given back
+                self._job_done(job, given_back=True)
+                while self._queue:
+                    self._job_done(self._queue.popleft(), given_back=True)
+                raise
+            except BaseException as error:  # _handle catches everything else; a bug if not
+                log.error(
+                    "message worker: %s (a bug in the runner)",
+                    self.layer.describe_error(error),
+                    exc_info=error,
+                )
+                self._job_done(job, given_back=True)
+                continue
+            self._job_done(job, given_back=False)
+
+    def _job_done(self, job: _Job, *, given_back: bool) -> None:
+        self._jobs.discard(job)
+        self._gate.release(job.ticket)
+        for key in job.keys:
+            if self._tails.get(key) is job:
+                del self._tails[key]
+        if given_back:
+            self.transport.give_back((job.delivery.ref,))
+        job.finish()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        freed = self._slot_freed
+        if freed is not None:
+            self._slot_freed = None
+            if not freed.done():
+                freed.set_result(None)
+
+    def _a_slot_frees(self) -> Awaitable[None]:
+        """Resolves when a message in flight (task or job) finishes. The future is made *now*, before
+        the caller yields: a worker may finish a whole batch before an awaiting coroutine would run."""
+        if self._slot_freed is None:
+            self._slot_freed = asyncio.get_running_loop().create_future()
+        return asyncio.shield(self._slot_freed)
+
+    async def _until_no_jobs(self) -> None:
+        while self._jobs:
+            await self._a_slot_frees()
+
     def _task_done(
         self, delivery: Delivery, ticket: _Ticket, keys: tuple[Hashable, ...], task: asyncio.Task[None]
     ) -> None:
         self._inflight.discard(task)
+        self._free_slot()
         self._gate.release(ticket)
         for key in keys:
             if self._tails.get(key) is task:
@@ -727,13 +858,16 @@ class ConsumerRunner:
         delivery: Delivery,
         claim: Any,
         ticket: _Ticket,
-        predecessors: Sequence[asyncio.Task[None]],
+        predecessors: Sequence[asyncio.Task[None] | _Job],
     ) -> None:
         env = delivery.envelope
         result: ProcessResult | None = None
         try:
-            for previous in predecessors:
-                await asyncio.wait((previous,))  # its outcome is its own; only the order matters here
+            for previous in predecessors:  # its outcome is its own; only the order matters here
+                if isinstance(previous, _Job):
+                    await previous.finished()
+                else:
+                    await asyncio.wait((previous,))
             if claim is _LATE:
                 [claim] = await self._claim([env.id])
                 if _is_takeover(claim):
@@ -886,16 +1020,42 @@ class ConsumerRunner:
         if self._held:  # read but never claimed: the broker redelivers them
             self.transport.give_back([d.ref for d in self._held])
             self._held.clear()
-        pending = await self._wait_all(set(self._inflight), self.shutdown_timeout)
-        if pending:
+        waiting: set[asyncio.Task[None]] = set(self._inflight)
+        jobs_done: asyncio.Task[None] | None = None
+        if self._jobs:
+            jobs_done = asyncio.ensure_future(self._until_no_jobs())
+            waiting.add(jobs_done)
+        pending = await self._wait_all(waiting, self.shutdown_timeout)
+        if jobs_done is not None and not jobs_done.done():
+            jobs_done.cancel()
+        if jobs_done is not None:
+            pending.discard(jobs_done)
+        abandoned = len(pending) + len(self._jobs)
+        if abandoned:
             for task in pending:
                 task.cancel()
-            log.warning("shutdown: abandoned %d in-flight messages (not acknowledged)", len(pending))
-            # a message whose handler started keeps its claim (the lease expires; the redelivery is a
-            # counted takeover); one that had not started releases it, unless the store does not answer
-            stuck = await self._wait_all(pending, _CANCEL_GRACE_S)
+            log.warning("shutdown: abandoned %d in-flight messages (not acknowledged)", abandoned)
+        # cancelling the workers gives back the jobs they run and the queued ones; a message whose
+        # handler started keeps its claim (the lease expires; the redelivery is a counted takeover); one
+        # that had not started releases it, unless the store does not answer
+        workers = set(self._workers)
+        for worker in workers:
+            worker.cancel()
+        if pending or self._jobs:
+            stuck = await self._wait_all(pending | workers, _CANCEL_GRACE_S)
             if stuck:
                 log.warning("shutdown: %d messages did not finish cancelling in time", len(stuck))
+        elif workers:  # all idle: they end at once
+            await asyncio.wait(workers)
+        for waiter in self._idle:
+            waiter.cancel()
+        self._idle.clear()
+        self._waking = 0  # workers cancelled before they ran never counted themselves off
+        # a worker cancelled before it woke leaves its queue: give back whatever no worker ran
+        while self._queue:
+            self._job_done(self._queue.popleft(), given_back=True)
+        for job in list(self._jobs):
+            self._job_done(job, given_back=True)
         if self._ack_task is not None:  # the acknowledgements of what finished
             ack_task = self._ack_task
             if await self._wait_all({ack_task}, _CANCEL_GRACE_S):
@@ -973,7 +1133,7 @@ class ConsumerRunner:
             consuming=self._running and not self.stopping,
             paused_for_breaker=self._paused,
             backing_off=self._backing_off,
-            in_flight=len(self._inflight),
+            in_flight=len(self._inflight) + len(self._jobs),
             error=None if self._fatal is None else str(self._fatal),
         )
 
