@@ -16,7 +16,12 @@ from streamwarden._runners._kafka import KafkaOrdering, TopicProducer
 
 
 async def test_every_message_once_and_committed_to_the_end(
-    bootstrap: str, make_topic: MakeTopic, group: str, producer: AIOKafkaProducer, make_layer: MakeLayer
+    bootstrap: str,
+    make_topic: MakeTopic,
+    group: str,
+    producer: AIOKafkaProducer,
+    make_layer: MakeLayer,
+    otel: Otel,
 ) -> None:
     """300 messages on 3 partitions: each handled once, and the group's commits reach each end."""
     topic = await make_topic(3)
@@ -43,6 +48,9 @@ async def test_every_message_once_and_committed_to_the_end(
             "2",
         ]
         assert {attrs["messaging.destination.name"] for _name, _lag, attrs in rows} == {topic}
+        exported = otel.points("streamwarden.consumer.partition_lag")  # the gauge, as a reader sees it
+        assert sorted(attrs["messaging.destination.partition.id"] for attrs, _ in exported) == ["0", "1", "2"]
+        assert {value for _attrs, value in exported} == {0}
     assert set(seen) == set(ids)
     assert max(seen.values()) == 1
     assert runner.stats.acked == 300
