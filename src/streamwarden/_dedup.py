@@ -158,11 +158,13 @@ class DedupStore(Protocol):
         """Mark the id completed for ``ttl_seconds`` if ``lease`` is still the owner's; else ``False``."""
         ...
 
-    async def release(self, lease: Lease, *, attempted: bool = True) -> bool:
+    async def release(self, lease: Lease, *, attempted: bool = True, keep_takeover: bool = False) -> bool:
         """Let the id be claimed again, if ``lease`` is still the owner's; the fencing token is kept.
 
         ``attempted=False`` says the handler never ran under this lease: the attempt counter is
-        taken back by one (never below 0).
+        taken back by one (never below 0). ``keep_takeover=True`` (with ``attempted=False``) gives back
+        a takeover that never ran *as it was*: the record stays in progress with an expired lease, so
+        the next claim is a takeover again (its message still runs alone) and is charged one run then.
         """
         ...
 
@@ -522,11 +524,16 @@ class InMemoryDedupStore:
             done.popitem(last=False)
             self.evictions += 1
 
-    async def release(self, lease: Lease, *, attempted: bool = True) -> bool:
-        """Owner-checked release (idempotent for its owner); ``attempted=False`` takes the attempt back."""
+    async def release(self, lease: Lease, *, attempted: bool = True, keep_takeover: bool = False) -> bool:
+        """Owner-checked release (idempotent for its owner); ``attempted=False`` takes the attempt back;
+        ``keep_takeover`` leaves an expired lease of no owner, so the next claim is a takeover again."""
         message_id = lease.message_id
         now = self._clock()
         held = self._live_held(message_id, now)
+        if self._owns(held, lease) and keep_takeover and not attempted:
+            self._attempts[message_id] = max(self._attempts.get(message_id, 0) - 1, 0)
+            self._held[message_id] = _tuple_new(Lease, (message_id, "", lease.fencing_token, now))
+            return True
         if self._owns(held, lease):
             del self._held[message_id]
             if not attempted:

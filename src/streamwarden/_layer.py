@@ -400,6 +400,27 @@ class ReliabilityLayer:
         """
         return await self._route(destination, group).store.claim_many(message_ids, self._dedup_policy.lease)
 
+    async def give_back_unrun(
+        self, claim: ClaimResult, *, destination: str, group: str | None = None
+    ) -> bool:
+        """Give back a batch claim whose handler will not run now (a runner defers it): the run is not
+        charged, and a takeover stays a takeover (an expired lease), so its message still runs alone
+        when it is claimed again. ``False`` when the store could not (it does not answer, or it does not
+        know ``keep_takeover``): the claim then stands and its lease runs out."""
+        lease = claim.lease
+        if claim.status is not _NEW or lease is None:
+            return True
+        store = self._route(destination, group).store
+        try:
+            if claim.takeover:
+                return await store.release(lease, attempted=False, keep_takeover=True)
+            return await store.release(lease, attempted=False)
+        except TypeError:  # a store written before keep_takeover existed
+            return False
+        except Exception as exc:
+            log.warning("could not give back the claim of %r: %s", lease.message_id, self.describe_error(exc))
+            return False
+
     # --- wiring -----------------------------------------------------------------------------------
     def _watch_breaker(self, breaker: CircuitBreaker) -> None:
         self.telemetry.watch_breaker(breaker)

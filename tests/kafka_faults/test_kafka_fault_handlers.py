@@ -16,17 +16,7 @@ from streamwarden._kafka import KafkaDeadLetterStore
     "ordering",
     [
         "partition",
-        pytest.param(
-            "key",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="runner bug (reported): after a restart the dead member's records come back "
-                "through read(), and _dispatch_batch claims them all in one claim_batch; every one is a "
-                "takeover (a run charged in its dedup record) queued behind the first suspect, so when "
-                "that suspect kills the process its unrun batch-mates are charged a run each and reach "
-                "poison_max_deliveries unrun",
-            ),
-        ),
+        "key",
     ],
 )
 async def test_a_killer_message_is_dead_lettered_after_n_runs_and_its_batch_mates_are_not(
@@ -63,7 +53,7 @@ async def test_a_killer_message_is_dead_lettered_after_n_runs_and_its_batch_mate
     assert ledger.executed_ids() == set(ids_of(healthy))
     for began in [s["t"] for s in ledger.starts("killer")][1:]:  # after the first crash it runs alone
         assert not [r for r in ledger.runs() if r[2] < began < r[3]], f"something ran beside it at {began}"
-    assert [c.proc.returncode for c in rig.consumers] == [-9, -9, 0]
+    assert [c.proc.returncode for c in rig.consumers] == [-9, -9, 0], rig.consumers[0].stderr()[-3000:]
 
 
 async def test_dlq_topic_refusing_writes_holds_the_commit_until_it_takes_them(rig: KafkaFaultRig) -> None:

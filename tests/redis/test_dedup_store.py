@@ -753,3 +753,25 @@ async def test_re_sent_completion_keeps_the_cached_fingerprint(
     assert await store.complete_many([lease], 60.0) == [True]
     assert await redis_client.hget(store.key("fp"), "p") == b"sha256:1"
     assert (await store.claim("fp", 30.0, "sha256:2")).status is CONFLICT
+
+
+async def test_an_unrun_takeover_given_back_stays_a_takeover_and_is_not_charged(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, lease_expired: LeaseExpiry
+) -> None:
+    """release(attempted=False, keep_takeover=True): the record stays in progress with an expired lease
+    of no owner, so the next claim is a takeover again (its message still runs alone), charged one run
+    then, not twice; the giving-back owner can no longer complete."""
+    store = store_factory(redis_client, local_cache_size=0)
+    dead = await store.claim("m", 0.02)
+    assert dead.lease is not None
+    await lease_expired(redis_client, store.key("m"))  # its owner died mid-run
+    taken = await store.claim("m", 30.0)
+    assert (taken.takeover, taken.attempt) == (True, 2)
+    assert taken.lease is not None
+    assert await store.release(taken.lease, attempted=False, keep_takeover=True)
+    assert await store.state("m") is RecordState.IN_PROGRESS
+    assert not await store.complete(taken.lease, 60.0), "given back: no longer the owner"
+    again = await store.claim("m", 30.0)
+    assert (again.status, again.takeover, again.attempt) == (ClaimStatus.NEW, True, 2)
+    assert again.lease is not None
+    assert again.lease.fencing_token > taken.lease.fencing_token

@@ -287,6 +287,49 @@ async def test_reclaimed_entries_are_claimed_one_at_a_time_and_none_behind_a_sus
     assert runner.stats.isolated == 2
 
 
+async def test_takeovers_read_in_one_batch_run_alone_one_after_another_and_only_runs_are_charged(
+    clock: Clock, make_layer: Callable[..., sw.ReliabilityLayer]
+) -> None:
+    """Kafka hands a dead member's records back through read(), all in one batch: only the first
+    takeover is kept as the suspect; the other takeovers (and a record chained behind one) are given
+    back unrun, still takeovers, and claimed one at a time after it. No attempt is charged for a run
+    that did not happen (the issue-12 fault: healthy batch-mates of a killer reached poison unrun)."""
+    layer = make_layer(poison_max_deliveries=2)  # the dead member's run + this one: a leaked charge is poison
+    group = MemoryGroup(clock)
+    handler = Handler("t1", "t2", "t3")
+    runner = ConsumerRunner(
+        group, handler=handler, layer=layer, concurrency=8, clock=clock, sleep=RecordingSleep(clock)
+    )
+    scoped = layer.dedup_store_for("orders")
+    for mid in ("t1", "t2", "t3"):
+        await scoped.claim(mid, 10.0)  # a member that died holding them (one run charged each)
+    clock.advance(11.0)
+    for mid in ("t1", "n1", "t2", "t3"):
+        group.add(mid)
+    async with running(runner, handler):
+        await handler.started["t1"].wait()
+        await settle()
+        assert handler.alongside["t1"] <= {"n1"}, "the first suspect waits for nothing but its batch-mates"
+        assert not handler.started["t2"].is_set()
+        assert not handler.started["t3"].is_set()
+        for mid in ("t2", "t3"):  # given back as they were: in progress, expired, the unrun claim not charged
+            assert await scoped.state(mid) is RecordState.IN_PROGRESS
+        handler.release["t1"].set()
+        await handler.started["t2"].wait()
+        await settle()
+        assert handler.alongside["t2"] == set(), "the second takeover runs alone too"
+        assert not handler.started["t3"].is_set()
+        handler.release["t2"].set()
+        await handler.started["t3"].wait()
+        assert handler.alongside["t3"] == set()
+        handler.release["t3"].set()
+        await until(lambda: len(group.acked) == 4)
+    assert runner.stats.isolated == 3
+    assert layer.metrics_collector.counts["dedup_takeovers"] == 3
+    assert runner.stats.outcomes == {"processed": 4}, "no takeover reached poison on charges for unrun claims"
+    assert [handler.runs[mid] for mid in ("t1", "t2", "t3")] == [1, 1, 1]
+
+
 # --- finding 7: nothing escapes a message task; the consumer keeps consuming ------------------------------
 class CustomBase(BaseException):
     """A BaseException a handler library might define."""

@@ -599,3 +599,22 @@ async def test_manager_claim_uses_policy_lease_and_ttl(clock: Clock) -> None:
     assert again.lease is not None
     assert await manager.release(again.lease) is True
     assert [r.status for r in await manager.claim_many(["m1", "m1"])] == [NEW, IN_PROGRESS]
+
+
+async def test_an_unrun_takeover_given_back_stays_a_takeover_and_is_not_charged(
+    store: InMemoryDedupStore, clock: Clock
+) -> None:
+    """The embedded store's keep_takeover: as on Redis (tests/redis/test_dedup_store.py)."""
+    dead = await store.claim("m", 1.0)
+    assert dead.lease is not None
+    clock.advance(2.0)
+    taken = await store.claim("m", LEASE)
+    assert (taken.takeover, taken.attempt) == (True, 2)
+    assert taken.lease is not None
+    assert await store.release(taken.lease, attempted=False, keep_takeover=True)
+    assert await store.state("m") is RecordState.IN_PROGRESS
+    assert not await store.complete(taken.lease, 60.0), "given back: no longer the owner"
+    again = await store.claim("m", LEASE)
+    assert (again.status, again.takeover, again.attempt) == (ClaimStatus.NEW, True, 2)
+    assert again.lease is not None
+    assert again.lease.fencing_token > taken.lease.fencing_token

@@ -82,7 +82,7 @@ log = logging.getLogger("streamwarden")
 # * ``d``: complete KEYS[1]; ARGV = d keep owner fence ttl_ms fingerprint.
 # * ``*``: a batch, any op per key; ARGV = * keep blob, the blob one line per key
 #   "op owner fence ms fingerprint" (op c claim, d complete, r release, u release of a lease whose
-#   handler never ran, x extend, l dead-letter mark, m mark completed, f forget, s state; empty fields
+#   handler never ran, v give back an unrun takeover as an expired lease, x extend, l dead-letter mark, m mark completed, f forget, s state; empty fields
 #   allowed): one argument instead of five per key, and one string back, halve the client's encoding
 #   and parsing work for large batches. It returns "code value" per key, space-separated. With
 #   ARGV[4] (a consumer group) the last key is a stream and ARGV[5...] are entry ids to XACK after the
@@ -203,6 +203,10 @@ for op, owner, fence, ms, fp in string.gmatch(ARGV[3], '(%a) (%S*) (%d*) (%d+) (
           redis.call('PEXPIRE', key, keep)
           code = 1
         elseif r[1] == 'r' then code = 1 end               -- re-sent: already done, nothing twice
+      elseif op == 'v' and r[1] == 'p' then                -- an unrun takeover given back as it was:
+        redis.call('HSET', key, 'o', '', 'e', 0,           -- expired, no owner (the next claim takes it
+          'a', math.max((tonumber(r[4]) or 0) - 1, 0))     -- over again), the run not charged
+        code = 1
       elseif op == 'x' and r[1] == 'p' then                -- extend
         redis.call('HSET', key, 'e', clock() + ms)
         redis.call('PEXPIRE', key, ms + keep)
@@ -973,13 +977,16 @@ class RedisDedupStore:
         await self.aclose()
 
     # --- the rest of the protocol -------------------------------------------------------------
-    async def release(self, lease: Lease, *, attempted: bool = True) -> bool:
+    async def release(self, lease: Lease, *, attempted: bool = True, keep_takeover: bool = False) -> bool:
         """Let the id be claimed again at once (owner- and fencing-checked, idempotent for its owner).
 
         The fencing token and the attempt counter stay in the record; ``attempted=False`` (the handler
         never ran under this lease) takes the attempt back, once even if the call is re-sent.
+        ``keep_takeover=True`` with ``attempted=False``: the record stays in progress with an expired
+        lease of no owner (op ``v``), so the next claim is a takeover again, charged one run then.
         """
-        line = f"{'r' if attempted else 'u'} {lease.owner} {lease.fencing_token} 1 \n"
+        op = "r" if attempted else ("v" if keep_takeover else "u")
+        line = f"{op} {lease.owner} {lease.fencing_token} 1 \n"
         return (await self._run([self.key(lease.message_id)], [line]))[0] == 1
 
     async def extend(self, lease: Lease, lease_seconds: float) -> Lease | None:

@@ -687,16 +687,39 @@ class ConsumerRunner:
         now = [d for d, free in plan if free]
         claims = iter(await self._claim([d.envelope.id for d in now]) if now else [])
         suspects: list[_Ticket] = []
+        deferred: list[tuple[Delivery, Any]] = []  # (delivery, its batch claim or _LATE)
+        deferred_keys: set[Hashable] = set()
         for delivery, free in plan:
             claim = next(claims) if free else _LATE
+            # One suspect per batch: a second takeover (Kafka hands a dead member's records back through
+            # read(), all at once) and whatever is chained behind it wait in _held, claimed one at a
+            # time after the first suspect ran alone; their claims are given back unrun.
+            chained = any(k in deferred_keys for k in self._chain_keys(delivery))
+            takeover = claim is not _LATE and _is_takeover(claim)
+            if chained or (takeover and (suspects or deferred)):
+                deferred.append((delivery, claim))
+                deferred_keys.update(self._chain_keys(delivery))
+                continue
             ticket = _Ticket()
-            if claim is not _LATE and _is_takeover(claim):
+            if takeover:
                 suspects.append(ticket)  # queued after the batch-mates took their places
             elif claim is not _LATE:
                 self._gate.try_shared(ticket)
             self._start(delivery, claim, ticket)
         for ticket in suspects:
             self._gate.enqueue(ticket)
+        if deferred:
+            await self._defer_to_held(deferred)
+
+    async def _defer_to_held(self, deferred: Sequence[tuple[Delivery, Any]]) -> None:
+        """Hold deliveries back for one-at-a-time claiming, giving back their batch claims unrun (a
+        takeover stays one). A claim the store will not give back stands: the delivery still waits in
+        ``_held``, and its re-claim answers ``IN_PROGRESS`` until that lease runs out."""
+        destination = self.transport.destination
+        for delivery, claim in deferred:
+            if claim is not _LATE and claim is not None:
+                await self.layer.give_back_unrun(claim, destination=destination)
+            self._held.append(delivery)
 
     async def _dispatch_held(self) -> None:
         """Reclaimed entries: claimed one at a time, and none after a takeover until it has run alone."""
