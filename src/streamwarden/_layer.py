@@ -1146,6 +1146,11 @@ class ReliabilityLayer:
                 add_note(
                     error, f"streamwarden: dead-letter write failed, message not acknowledged: {dlq_error}"
                 )
+                log.warning(
+                    "message %r could not be dead-lettered (%s); not acknowledged, it will be redelivered",
+                    mid,
+                    self.describe_error(dlq_error),
+                )
         if lease is not None:
             if entry is None:
                 await self._release(route, lease, attempted=True)

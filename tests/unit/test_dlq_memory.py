@@ -376,3 +376,26 @@ class DomainError(Exception):
 def test_error_type_name(error: BaseException, expected: str) -> None:
     """Builtins are named bare; everything else is module-qualified, so same-named classes stay apart."""
     assert error_type_name(error) == expected
+
+
+async def test_a_refused_dead_letter_write_is_logged_and_the_message_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full DLQ: the message is FAILED (not acknowledged) and a WARNING says so, with the reason."""
+    import logging
+
+    from streamwarden import Outcome, ReliabilityLayer, ReliabilitySettings
+
+    store = InMemoryDeadLetterStore(max_entries=1)
+    layer = ReliabilityLayer(None, ReliabilitySettings(max_retries=0), dead_letter_store=store)
+
+    async def bad(message: object) -> None:
+        raise ValueError("permanent")
+
+    assert (await layer.process({"id": "first"}, bad)).outcome is Outcome.DEAD_LETTERED
+    with caplog.at_level(logging.WARNING, logger="streamwarden"):
+        result = await layer.process({"id": "second"}, bad)
+    assert result.outcome is Outcome.FAILED
+    [line] = [r.getMessage() for r in caplog.records if "could not be dead-lettered" in r.getMessage()]
+    assert "'second'" in line
+    assert "full" in line.lower()
