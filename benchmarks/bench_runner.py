@@ -89,6 +89,7 @@ MODES = ("nosdk", "sdk", "sdk10")
 CASES: tuple[tuple[str, str, str], ...] = (
     ("bare", "bare loop: XREADGROUP -> handler -> XACK per entry", "nosdk"),
     ("bare_batch_ack", "bare loop, one XACK per batch", "nosdk"),
+    ("bare_batch_ack_py", "bare loop, one XACK per batch, redis-py's pure-Python parser", "nosdk"),
     ("runner_off", "runner, telemetry OFF", "nosdk"),
     ("runner_off_deferred", "runner, telemetry OFF, deferred completions", "nosdk"),
     ("seed_off", "seed design: EXISTS + SET EX + INCRBY per msg, telemetry OFF", "nosdk"),
@@ -409,6 +410,14 @@ async def rss_run(client: redis.asyncio.Redis, total: int) -> dict[str, Any]:
 async def run_mode(mode: str, port: int, count: int, rounds: int, rss_messages: int = 0) -> dict[str, Any]:
     sdk = CountingSdk() if mode == "sdk" else CountingSdk(ratio_sampler()) if mode == "sdk10" else None
     client = redis.asyncio.Redis(host="127.0.0.1", port=port)
+    # the loop as issue 11 measured it: redis-py without hiredis (its pure-Python RESP3 reply parser)
+    from redis._parsers import _AsyncRESP3Parser
+
+    py_client = redis.asyncio.Redis(
+        connection_pool=redis.asyncio.ConnectionPool(
+            host="127.0.0.1", port=port, parser_class=_AsyncRESP3Parser
+        )
+    )
     try:
         if mode == "sdk10":
             cases = {
@@ -426,6 +435,7 @@ async def run_mode(mode: str, port: int, count: int, rounds: int, rss_messages: 
             cases = {
                 "bare": bare_case(client, batch_ack=False),
                 "bare_batch_ack": bare_case(client, batch_ack=True),
+                "bare_batch_ack_py": bare_case(py_client, batch_ack=True),
                 "runner_off": runner_case(client, deferred=False),
                 "runner_off_deferred": runner_case(client, deferred=True),
                 "seed_off": seed_case(client, telemetry=False),
@@ -467,6 +477,7 @@ async def run_mode(mode: str, port: int, count: int, rounds: int, rss_messages: 
         return out
     finally:
         await client.aclose()
+        await py_client.aclose()
 
 
 # --- an optional delaying TCP proxy, in its own process --------------------------------------------------
@@ -581,6 +592,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         server = statistics.median(results[mode]["server_us"][case_id])
         cases[case_id] = {"msgs_per_s": rate, "us_per_msg": 1e6 / rate, "rounds": rates, "server_us": server}
     off_vs_batch = cases["runner_off"]["msgs_per_s"] / cases["bare_batch_ack"]["msgs_per_s"]
+    off_vs_batch_py = cases["runner_off"]["msgs_per_s"] / cases["bare_batch_ack_py"]["msgs_per_s"]
     on_vs_seed = cases["runner_on"]["msgs_per_s"] / cases["seed_on"]["msgs_per_s"]
     on_deferred_vs_seed = cases["runner_on_deferred"]["msgs_per_s"] / cases["seed_on"]["msgs_per_s"]
     sampled_vs_batch = cases["runner_on_sampled"]["msgs_per_s"] / cases["bare_batch_ack"]["msgs_per_s"]
@@ -591,6 +603,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "target": f">= {TARGET_OFF_VS_BARE_BATCH}x",
             "value": off_vs_batch,
             "passed": off_vs_batch >= TARGET_OFF_VS_BARE_BATCH,
+        },
+        "runner_off_vs_bare_batch_pure_python_parser": {
+            "target": f">= {TARGET_OFF_VS_BARE_BATCH}x (the baseline as issue 11 measured it)",
+            "value": off_vs_batch_py,
+            "passed": off_vs_batch_py >= TARGET_OFF_VS_BARE_BATCH,
         },
         "runner_sampled_vs_bare_batch": {
             "target": f">= {TARGET_SAMPLED_VS_BARE_BATCH}x",
