@@ -23,10 +23,17 @@ nothing else on that Redis is touched: the stream ``streamwarden-demo`` (and its
 dead-letter stream of the destination ``streamwarden-demo``, the dedup records of its scope and the
 fleet counters of the service ``streamwarden-demo``.
 
+The Kafka demo (:func:`run_kafka_demo`, aiokafka imported only there) runs it through a topic: the
+topic is created when missing, each run reads in a group of its own whose offsets start at the topic's
+end, the members share Redis (dedup scope ``{topic}/streamwarden-demo``, its dead letters, the fleet
+counters of ``config.service_name``: ``streamwarden-demo-kafka`` from the CLI; all deleted first) or,
+without Redis, one member runs on the embedded stores with dead letters in the ``{topic}.dlq`` topic
+(purged first).
+
 The pieces, in reading order: the workload (:class:`_Workload`), the simulated downstream
 (:class:`BrokerAPI`) and its outage schedule (:func:`_outage_schedule`, :func:`_outage_window`), the
-embedded stream and its workers (:class:`_EmbeddedRun`), the Redis run (:class:`_RedisRun`), and the
-reconciliation (:func:`_reconcile_ledger`, :func:`_reconcile`).
+embedded stream and its workers (:class:`_EmbeddedRun`), the Redis run (:class:`_RedisRun`), the Kafka
+run (:class:`_KafkaRun`), and the reconciliation (:func:`_reconcile_ledger`, :func:`_reconcile`).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,7 +58,7 @@ from ._breaker import BreakerTransition
 from ._counters import with_rates
 from ._dlq import DeadLetterEntry
 from ._envelope import Envelope
-from ._layer import Outcome, ProcessResult, ReliabilityLayer
+from ._layer import Outcome, ProcessResult, ReliabilityLayer, dedup_scope
 from ._redis._counters import RedisCounterStore
 from ._redis._dedup import RedisDedupStore
 from ._redis._dlq import RedisDeadLetterStore
@@ -62,13 +70,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_GROUP",
+    "DEMO_KAFKA_SERVICE",
     "DEMO_SERVICE",
     "DEMO_STREAM",
+    "DEMO_TOPIC",
+    "KAFKA_DEMO_CONSUMER_OPTIONS",
     "ControlServer",
     "DemoConfig",
     "DemoControls",
     "DemoReport",
     "run_demo",
+    "run_kafka_demo",
     "run_redis_demo",
 ]
 
@@ -77,8 +89,12 @@ __all__ = [
 DEMO_STREAM = "streamwarden-demo"
 #: The Redis demo's consumer group.
 DEMO_GROUP = "streamwarden-demo"
-#: Service name of both demos (fleet counters, telemetry resource).
+#: Service name of the embedded and the Redis demo (fleet counters, telemetry resource).
 DEMO_SERVICE = "streamwarden-demo"
+#: Service name of the Kafka demo: its own fleet counters beside a Redis demo on the same Redis.
+DEMO_KAFKA_SERVICE = "streamwarden-demo-kafka"
+#: The Kafka demo's default topic (also its destination: DLQ, dedup scope, metric labels).
+DEMO_TOPIC = "trading.signals"
 
 SYMBOLS = ("AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "TSLA", "META", "BTC-USD", "ETH-USD", "EURUSD")
 STRATEGIES = ("momentum", "mean-reversion", "pairs", "breakout")
@@ -639,25 +655,8 @@ class _RedisRun:
     async def reset(self) -> None:
         """Delete the demo's own keys, and only those: its stream (with the group), the dead letters of
         its destination, the dedup records of its scope and its service's fleet counters."""
-        client, prefix = self.client, self.settings.key_prefix
-        await client.delete(DEMO_STREAM)
-        await RedisDeadLetterStore(client, key_prefix=prefix).purge(DEMO_STREAM)
-        await client.delete(
-            RedisCounterStore(client, service_name=self.config.service_name, key_prefix=prefix).key
-        )
-        store = self.layers[0].dedup_store_for(DEMO_STREAM)
-        if isinstance(store, RedisDedupStore):
-            # every record of the scope shares the key of one record up to its id digest
-            scope_prefix = store.key("streamwarden-demo").rpartition(":")[0] + ":"
-            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", scope_prefix) + "*"
-            batch: list[Any] = []
-            async for key in client.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= 500:
-                    await client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                await client.unlink(*batch)
+        await self.client.delete(DEMO_STREAM)
+        await _reset_redis_keys(self.client, self.layers[0], DEMO_STREAM)
 
     async def produce(self) -> None:
         """Write the workload to the stream at ``config.rate``, the broker down inside the outage window."""
@@ -750,6 +749,283 @@ async def run_redis_demo(
         on_progress=on_progress,
     )
     return await run.run()
+
+
+# --- the Kafka demo ----------------------------------------------------------------------------------
+#: aiokafka options of the Kafka demo's consumers: a 6 s session (Tansu holds a JoinGroup for about half
+#: of it, so a join takes ~3 s) with heartbeats well inside it; fresh metadata, so the group settles fast.
+KAFKA_DEMO_CONSUMER_OPTIONS: dict[str, Any] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 500,
+    "metadata_max_age_ms": 2000,
+}
+
+
+class _KafkaRun:
+    """One Kafka run: the topic (created when missing), ``consumers`` runners in one group, the producer
+    and reconciliation. With ``client`` (Redis) the layers share its dedup store, dead-letter queue and
+    counters; without it one runner on the embedded stores, dead letters in the ``{topic}.dlq`` topic."""
+
+    def __init__(
+        self,
+        config: DemoConfig,
+        bootstrap: str,
+        topic: str,
+        client: Any,
+        *,
+        consumers: int,
+        partitions: int,
+        key_prefix: str,
+        consumer_options: dict[str, Any],
+        stop: asyncio.Event,
+        on_progress: Callable[[DemoReport, int], None] | None,
+    ) -> None:
+        from ._runners._kafka import KafkaConsumerRunner, KafkaOrdering
+
+        self.config, self.bootstrap, self.topic, self.client = config, bootstrap, topic, client
+        self.stop, self.on_progress = stop, on_progress
+        self.partitions = partitions
+        # A group of its own per run, its offsets set to the topic's end before it has members (a broker
+        # refuses that commit from outside a group that has or had members: Tansu keeps them). The dedup
+        # scope stays fixed, so each run deletes the previous run's records as the Redis demo does.
+        self.group = f"{DEMO_GROUP}-{uuid.uuid4().hex[:12]}"
+        self.settings = _demo_settings(
+            config,
+            destination=topic,
+            consumer_group=self.group,
+            dedup_scope=dedup_scope(topic, DEMO_GROUP),
+            key_prefix=key_prefix,
+            dedup_lease=5.0,
+            exhausted_transient_action="defer",
+            poison_max_deliveries=None,  # Kafka has no delivery count; poison here is by content
+        )
+        self.report = DemoReport()
+        self.broker = BrokerAPI(config, _fault_rng(config))
+        self.dead_letters: Any = None
+        if client is None:
+            from ._kafka import KafkaDeadLetterStore
+
+            consumers = 1  # the embedded dedup store is per process: one member, or a rebalance runs twice
+            self.dead_letters = KafkaDeadLetterStore(bootstrap, **self.settings.dead_letter_store_options())
+        self.layers = [
+            ReliabilityLayer(client, self.settings, dead_letter_store=self.dead_letters)
+            for _ in range(consumers)
+        ]
+        self.runners = [
+            KafkaConsumerRunner(
+                bootstrap_servers=bootstrap,
+                topic=topic,
+                group=self.group,
+                consumer=f"demo-{i}",
+                handler=self.broker.execute,
+                layer=layer,
+                ordering=KafkaOrdering.KEY,
+                batch_size=32,
+                concurrency=max(1, config.concurrency // consumers),
+                poll_timeout_ms=100,
+                revoke_timeout=2.0,
+                shutdown_timeout=10.0,
+                consumer_options=consumer_options,
+                redis_client=client,
+            )
+            for i, layer in enumerate(self.layers)
+        ]
+        for layer in self.layers:
+            layer.circuit_breaker.add_transition_listener(
+                lambda e: self.report.transitions.append((e.from_state, e.to_state))
+            )
+
+    async def reset(self) -> None:
+        """Create the topic when missing and set the run's group's offsets to its end (the records of
+        earlier runs stay, unread); delete the demo's Redis keys of the topic (as the Redis demo does) or
+        purge its DLQ topic."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            if self.topic not in await admin.list_topics():
+                await admin.create_topics([NewTopic(self.topic, self.partitions, 1)])
+        finally:
+            await admin.close()
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
+        )
+        await reader.start()
+        try:
+            found = reader.partitions_for_topic(self.topic)
+            deadline = time.monotonic() + 10.0
+            while not found and time.monotonic() < deadline:  # metadata of a topic just created
+                await reader.topics()  # a metadata round trip
+                await asyncio.sleep(0.1)
+                found = reader.partitions_for_topic(self.topic)
+            if not found:
+                raise RuntimeError(f"Kafka topic {self.topic!r} has no partitions in the metadata")
+            self.partitions = len(found)
+            tps = [TopicPartition(self.topic, p) for p in sorted(found)]
+            reader.assign(tps)
+            ends = await reader.end_offsets(tps)
+            await reader.commit({tp: ends[tp] for tp in tps})  # a new group takes it from outside
+        finally:
+            await reader.stop()
+        if self.client is not None:
+            await _reset_redis_keys(self.client, self.layers[0], self.topic)
+        else:
+            await self.dead_letters.purge(self.topic)
+
+    async def wait_assigned(self, timeout: float = 60.0) -> None:
+        """Until the group is settled: every partition owned by exactly one runner, and every runner that
+        can have one owns one (so no rebalance runs while the workload flows)."""
+        wanted = min(len(self.runners), self.partitions)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            owned = [r.kafka_transport.assignment() for r in self.runners]
+            covered = len(set().union(*owned)) == sum(len(o) for o in owned) == self.partitions
+            if covered and sum(1 for o in owned if o) == wanted:
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"the consumer group did not settle on {self.topic!r} within {timeout:g}s")
+
+    async def produce(self) -> None:
+        """Write the workload to the topic at ``config.rate``, keyed by symbol (the ordering key), the
+        broker down inside the outage window. A signal without id goes without key: its id is then
+        ``{topic}/{partition}/{offset}``, since Kafka has no message without an address."""
+        from aiokafka import AIOKafkaProducer
+
+        from ._runners._kafka import TopicProducer
+
+        client = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False, acks="all")
+        await client.start()
+        try:
+            producer = TopicProducer(client, self.topic, service_name=self.config.service_name)
+            workload, report, outage = (
+                _Workload(self.config, self.report),
+                self.report,
+                _outage_window(self.config),
+            )
+            while not self.stop.is_set() and (message := workload.next_message()) is not None:
+                self.broker.outage = report.produced in outage
+                message_id = message.get("id")
+                key = message["data"]["symbol"] if message_id is not None else None
+                await producer.send(message, message_id=message_id, key=key)
+                await asyncio.sleep(1.0 / self.config.rate)
+                if self.on_progress is not None and report.produced % 25 == 0:
+                    self.on_progress(report, 0)
+        finally:
+            self.broker.outage = False
+            await client.stop()
+
+    async def wait_drained(self, timeout: float = 120.0) -> None:
+        """Until every record was read and acknowledged (or ``timeout``, or ``stop``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            acked = sum(
+                r.stats.outcomes.get(o.value, 0)
+                for r in self.runners
+                for o in (Outcome.PROCESSED, Outcome.DUPLICATE, Outcome.DEAD_LETTERED)
+            )
+            if acked >= self.report.produced:
+                backlogs = [await r.kafka_transport.backlog() for r in self.runners]
+                if all(b.lag == 0 and b.pending == 0 for b in backlogs):
+                    return
+            await asyncio.sleep(0.1)
+
+    async def run(self) -> DemoReport:
+        """Reset, start the runners and wait for the group, produce, drain, stop, reconcile."""
+        started = time.monotonic()
+        try:
+            await self.reset()
+            tasks = [asyncio.create_task(r.run()) for r in self.runners]
+            try:
+                await self.wait_assigned()
+                await self.produce()
+                await self.wait_drained()
+            finally:
+                for r in self.runners:
+                    r.stop()
+                await asyncio.gather(*tasks)
+            self.report.elapsed = time.monotonic() - started
+            await self._collect()
+        finally:
+            if self.dead_letters is not None:
+                await self.dead_letters.aclose()
+        return self.report
+
+    async def _collect(self) -> None:
+        report = self.report
+        for r in self.runners:
+            for outcome, count in r.stats.outcomes.items():
+                report.outcomes[outcome] += count
+            report.redeliveries += r.stats.not_acked  # given back, read again from this member
+        report.executed = sum(self.broker.executed.values())
+        for layer in self.layers:
+            await layer.aclose()
+        report.metrics = await self.layers[0].metrics_collector.get_reliability_metrics()
+        report.retries = int(report.metrics.get("retry_attempts", 0))
+        entries = await self.layers[0].dead_letter_store.list(self.topic, limit=report.produced + 1)
+        for entry in entries:
+            report.dlq_reasons[entry.reason] += 1
+        report.note_dead_letters(entries)
+        _reconcile_ledger(report, self.broker, Counter(entry.message_id for entry in entries))
+
+
+async def run_kafka_demo(
+    config: DemoConfig,
+    bootstrap: str,
+    *,
+    topic: str = DEMO_TOPIC,
+    client: Any = None,
+    consumers: int = 3,
+    partitions: int = 3,
+    key_prefix: str = "streamwarden",
+    consumer_options: dict[str, Any] | None = None,
+    on_progress: Callable[[DemoReport, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> DemoReport:
+    """The same workload through Kafka at ``bootstrap`` (needs aiokafka): the topic ``topic`` (created
+    with ``partitions`` partitions when missing), ``consumers`` :class:`KafkaConsumerRunner` members of
+    the group :data:`DEMO_GROUP` ordered by key (the symbol). With ``client`` (Redis, which the caller
+    closes) the members share its dedup store, DLQ and counters, whose keys of this run are deleted first
+    as in :func:`run_redis_demo`; without it one member runs on the embedded stores and dead letters go
+    to the ``{topic}.dlq`` topic, purged first. The group's offsets are moved to the topic's end before
+    the run, so earlier runs' records are not read. Run one Kafka demo at a time per topic.
+    """
+    run = _KafkaRun(
+        config,
+        bootstrap,
+        topic,
+        client,
+        consumers=consumers,
+        partitions=partitions,
+        key_prefix=key_prefix,
+        consumer_options=dict(consumer_options or KAFKA_DEMO_CONSUMER_OPTIONS),
+        stop=stop or asyncio.Event(),
+        on_progress=on_progress,
+    )
+    return await run.run()
+
+
+async def _reset_redis_keys(client: Any, layer: ReliabilityLayer, destination: str) -> None:
+    """Delete a Redis-backed demo's keys of ``destination``, and only those: its dead letters, the dedup
+    records of its scope and the fleet counters of the layer's service."""
+    settings = layer.settings
+    prefix = settings.key_prefix
+    await RedisDeadLetterStore(client, key_prefix=prefix).purge(destination)
+    await client.delete(RedisCounterStore(client, service_name=settings.service_name, key_prefix=prefix).key)
+    store = layer.dedup_store_for(destination)
+    if isinstance(store, RedisDedupStore):
+        # every record of the scope shares the key of one record up to its id digest
+        scope_prefix = store.key("streamwarden-demo").rpartition(":")[0] + ":"
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", scope_prefix) + "*"
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await client.unlink(*batch)
 
 
 def _reconcile_ledger(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:

@@ -183,3 +183,21 @@ def test_usage_errors(args: list[str], message: str, monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(main, ["consume", "--group", "g", "--handler", "json:loads", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_the_demo_without_a_broker_is_one_error_line() -> None:
+    """No broker listens: one ``error: cannot reach Kafka`` line and exit status 1, no traceback. (A
+    ``consume`` process instead backs off and retries: a broker that is down may come back.)"""
+    command = ["demo", "--kafka-bootstrap", "127.0.0.1:1"]
+    done = subprocess.run(
+        [sys.executable, "-c", "from streamwarden._cli import main; main()", *command],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].startswith("error: cannot reach Kafka"), errors
+    assert "Traceback" not in done.stderr

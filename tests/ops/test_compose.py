@@ -113,12 +113,16 @@ def service_ports() -> dict[str, dict[str, int]]:
     """service -> purpose -> the port it listens on, from that component's own configuration."""
     collector, tempo = _collector(), _tempo()
     demo_metrics, demo_control = _flag("demo", "--prometheus-port"), _flag("demo", "--control-port")
+    kafka_demo_metrics = _flag("demo-kafka", "--prometheus-port")
     sink = _flag("alert-sink", "--port")
+    assert kafka_demo_metrics is not None
     assert demo_metrics is not None
     assert demo_control is not None
     assert sink is not None
     return {
         "demo": {"metrics": int(demo_metrics), "control": int(demo_control)},
+        "demo-kafka": {"metrics": int(kafka_demo_metrics)},
+        "redpanda": {"kafka": _port(_flag("redpanda", "--kafka-addr") or ":9092")},
         "otel-collector": {
             "otlp_grpc": _port(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]),
             "otlp_http": _port(collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"]),
@@ -203,6 +207,27 @@ def test_demo_runs_live_and_sends_otlp_to_the_collector() -> None:
     assert (host, port) == ("otel-collector", service_ports()["otel-collector"]["otlp_grpc"])
 
 
+def test_kafka_demo_reads_redpanda_and_sends_otlp_to_the_collector() -> None:
+    """demo-kafka runs `streamwarden demo --kafka-bootstrap` at Redpanda's advertised Kafka address, with
+    Redis, a metrics port, its own service name and the collector's gRPC port for OTLP."""
+    args = _command("demo-kafka")
+    assert args[0] == "demo"
+    assert "--live" not in args  # the Kafka demo has none: one long run, restarted by compose
+    bootstrap = _flag("demo-kafka", "--kafka-bootstrap")
+    assert bootstrap is not None
+    advertised = _flag("redpanda", "--advertise-kafka-addr")
+    assert advertised is not None
+    assert _host_port(bootstrap) == _host_port(advertised.split("://", 1)[1])
+    assert _host_port(bootstrap)[1] == service_ports()["redpanda"]["kafka"]
+    redis_url = _flag("demo-kafka", "--redis-url")
+    assert redis_url is not None
+    assert _host_port(redis_url) == ("redis", service_ports()["redis"]["redis"])
+    environment = SERVICES["demo-kafka"]["environment"]
+    assert environment["OTEL_SERVICE_NAME"] != SERVICES["demo"]["environment"]["OTEL_SERVICE_NAME"]
+    host, port = _host_port(environment["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert (host, port) == ("otel-collector", service_ports()["otel-collector"]["otlp_grpc"])
+
+
 def test_prometheus_scrapes_the_app_and_the_collector_on_their_ports() -> None:
     """Scrape targets are the demo's metrics port and the collector's Prometheus exporter port."""
     targets = {
@@ -211,6 +236,7 @@ def test_prometheus_scrapes_the_app_and_the_collector_on_their_ports() -> None:
     }
     ports = service_ports()
     assert targets["streamwarden-demo"] == [("demo", ports["demo"]["metrics"])]
+    assert targets["streamwarden-demo-kafka"] == [("demo-kafka", ports["demo-kafka"]["metrics"])]
     assert targets["otel-collector"] == [("otel-collector", ports["otel-collector"]["prometheus"])]
     for job, hosts in targets.items():
         for host, port in hosts:

@@ -301,9 +301,23 @@ def explain(exc: BaseException) -> list[str] | None:
         return [f"Redis error at {_redis_where()}: {exc or type(exc).__name__}"]
     if isinstance(exc, StreamwardenError | ValueError):
         return [str(exc) or type(exc).__name__]
+    kafka = _kafka_problem(exc)
+    if kafka is not None:
+        return [kafka]
     if isinstance(exc, OSError):
         return [str(exc) or type(exc).__name__]
     return None
+
+
+def _kafka_problem(exc: BaseException) -> str | None:
+    """A one-line explanation of an aiokafka error (only if aiokafka was imported: it is optional)."""
+    errors = sys.modules.get("aiokafka.errors")
+    if errors is None or not isinstance(exc, errors.KafkaError):
+        return None
+    detail = one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, errors.KafkaConnectionError | errors.KafkaTimeoutError):
+        return f"cannot reach Kafka: {detail}"
+    return f"Kafka error: {type(exc).__name__}: {detail}"
 
 
 @contextlib.contextmanager

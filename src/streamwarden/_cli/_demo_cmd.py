@@ -1,4 +1,5 @@
-"""``streamwarden demo``: the demo workload on the embedded stores, or through Redis with ``--redis-url``."""
+"""``streamwarden demo``: the demo workload on the embedded stores, through Redis with ``--redis-url``, or
+through a Kafka topic with ``--kafka-bootstrap`` (aiokafka is imported on that path only)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,22 @@ from rich.table import Table
 
 from .._demo import (
     DEMO_GROUP,
+    DEMO_KAFKA_SERVICE,
     DEMO_SERVICE,
     DEMO_STREAM,
+    DEMO_TOPIC,
     ControlServer,
     DemoConfig,
     DemoReport,
     install_stop_signals,
     run_demo,
+    run_kafka_demo,
     run_redis_demo,
 )
 from .._types import Outcome
 from ._common import (
     PORT,
+    CliError,
     GuardedCommand,
     RedisTarget,
     finite_float,
@@ -48,13 +53,24 @@ _REDIS_URL_HELP = (
 )
 
 
+_KAFKA_HELP = (
+    "Run through a Kafka topic instead (needs streamwarden[kafka]): host:port[,host:port...]. The demo "
+    "creates the topic when missing, moves the offsets of its group "
+    f"{DEMO_GROUP} to the topic's end, and runs --consumers consumer runners (with --redis-url, which then "
+    "holds the dedup records, dead letters and counters of that topic, deleted first) or one runner on "
+    "the embedded stores with dead letters in the topic {topic}.dlq (purged first)."
+)
+
+
 def _given(ctx: click.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and source is not click.core.ParameterSource.DEFAULT
 
 
-def _check_combinations(ctx: click.Context, live: bool, redis: bool) -> None:
+def _check_combinations(ctx: click.Context, live: bool, redis: bool, kafka: bool = False) -> None:
     """Options that would be silently ignored in this mode are usage errors."""
+    if _given(ctx, "topic") and not kafka:
+        raise click.UsageError("--topic only applies with --kafka-bootstrap", ctx=ctx)
     only_live = ("outage_every", "outage_duration")
     only_embedded = ("live", "control_port", "control_host")
     only_redis = ("consumers",)
@@ -64,9 +80,10 @@ def _check_combinations(ctx: click.Context, live: bool, redis: bool) -> None:
     if _given(ctx, "messages") and live:
         raise click.UsageError("--messages does not apply with --live (use --max-seconds)", ctx=ctx)
     for name in only_embedded:
-        if _given(ctx, name) and redis:
+        if _given(ctx, name) and (redis or kafka):
+            given = "--kafka-bootstrap" if kafka else "--redis-url"
             raise click.UsageError(
-                f"--{name.replace('_', '-')} runs on the embedded stores only, not with --redis-url", ctx=ctx
+                f"--{name.replace('_', '-')} runs on the embedded stores only, not with {given}", ctx=ctx
             )
     for name in only_redis:
         if _given(ctx, name) and not redis:
@@ -139,6 +156,14 @@ def _check_combinations(ctx: click.Context, live: bool, redis: bool) -> None:
     type=click.IntRange(1, 64),
     help="Consumer runners (with --redis-url).",
 )
+@click.option("--kafka-bootstrap", default=None, callback=non_empty, help=_KAFKA_HELP)
+@click.option(
+    "--topic",
+    default=DEMO_TOPIC,
+    show_default=True,
+    callback=non_empty,
+    help="The Kafka demo's topic (with --kafka-bootstrap).",
+)
 @log_level_option("WARNING")
 @click.pass_context
 def demo(
@@ -159,13 +184,15 @@ def demo(
     as_json: bool,
     redis_target: RedisTarget | None,
     consumers: int,
+    kafka_bootstrap: str | None,
+    topic: str,
 ) -> None:
     """Push a trading-signal stream with duplicates, faults, an outage and poison through the layer.
 
-    Runs on the embedded in-memory stores (no Redis) unless --redis-url is given. Exits 1 if the
-    numbers do not reconcile.
+    Runs on the embedded in-memory stores (no Redis) unless --redis-url or --kafka-bootstrap is given.
+    Exits 1 if the numbers do not reconcile.
     """
-    _check_combinations(ctx, live, redis_target is not None)
+    _check_combinations(ctx, live, redis_target is not None, kafka_bootstrap is not None)
     config = DemoConfig(
         messages=messages,
         rate=rate,
@@ -176,6 +203,9 @@ def demo(
         outage_every=outage_every,
         outage_duration=outage_duration,
     )
+    if kafka_bootstrap is not None:
+        config.service_name = DEMO_KAFKA_SERVICE
+        config.destination = topic
     start_telemetry(
         config.service_name,
         otlp_endpoint=otlp_endpoint,
@@ -183,7 +213,11 @@ def demo(
         prometheus_host=prometheus_host,
     )
     console = make_console(stderr=as_json)
-    if redis_target is not None:
+    if kafka_bootstrap is not None:
+        report = asyncio.run(
+            _run_kafka(config, console, kafka_bootstrap, topic, redis_target, consumers, quiet=as_json)
+        )
+    elif redis_target is not None:
         report = asyncio.run(_run_redis(config, console, redis_target, consumers, quiet=as_json))
     else:
         control = (control_host, control_port) if control_port is not None else None
@@ -265,6 +299,46 @@ async def _run_redis(
             progress.update(task, completed=report.produced)
     finally:
         await client.aclose()
+    return report
+
+
+async def _run_kafka(
+    config: DemoConfig,
+    console: Console,
+    bootstrap: str,
+    topic: str,
+    target: RedisTarget | None,
+    consumers: int,
+    *,
+    quiet: bool,
+) -> DemoReport:
+    try:
+        import aiokafka  # noqa: F401  (a one-line error when the optional dependency is missing)
+    except ImportError as exc:
+        raise CliError("the Kafka demo needs aiokafka: pip install 'streamwarden[kafka]'") from exc
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    progress = _progress(console, quiet)
+    task = progress.add_task("produced", total=config.messages)
+    client = target.client() if target is not None else None
+    try:
+        if client is not None:
+            await client.ping()  # an unreachable Redis or a refused password fails here, in one line
+        with progress:
+            report = await run_kafka_demo(
+                config,
+                bootstrap,
+                topic=topic,
+                client=client,
+                consumers=consumers,
+                key_prefix=target.key_prefix if target is not None else "streamwarden",
+                stop=stop,
+                on_progress=lambda r, _backlog: progress.update(task, completed=r.produced),
+            )
+            progress.update(task, completed=report.produced)
+    finally:
+        if client is not None:
+            await client.aclose()
     return report
 
 
