@@ -707,14 +707,14 @@ class ReliabilityLayer:
             # The handler's effect has happened: the claim is completed, never released.
             staged: StagedCompletion | None = None
             if lease is not None:
-                if stage and route.complete_nowait is None:
-                    staged = StagedCompletion(route, lease, self._dedup_policy.ttl, fingerprint)
-                elif route.complete_nowait is not None:
+                if route.complete_nowait is not None:  # embedded: completing costs nothing, do it now
                     try:
                         if not route.complete_nowait(lease, self._dedup_policy.ttl, fingerprint):
                             self._lease_lost(lease, route.dt)
                     except Exception as exc:
                         self._completion_failed(lease, route.dt, exc)
+                elif stage:
+                    staged = StagedCompletion(route, lease, self._dedup_policy.ttl, fingerprint)
                 else:
                     await self._complete(route, lease, fingerprint)
             # _finish(PROCESSED) written out: the common case, on the hot path
