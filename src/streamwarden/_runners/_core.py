@@ -437,6 +437,8 @@ class ConsumerRunner:
         self.transport = transport
         self.handler = handler
         self.layer = layer
+        #: the Redis client of the layer's stores, for the shared breaker state (set by a runner that has one)
+        self.companion_client: Any = None
         self._bind_group(layer, transport.group, transport.name)
         layer.prepare(transport.destination)
         self._clock = clock
@@ -533,8 +535,34 @@ class ConsumerRunner:
             raise self._fatal
 
     async def _start_companions(self) -> list[_Companion]:
-        """Background helpers a transport runs beside the loop (none here)."""
-        return []
+        """The layer's Redis companions, per its settings, whatever the transport: the shared breaker
+        state (needs ``companion_client``, the Redis client of the stores) and the fleet counter
+        flusher (when the layer's counters live in Redis)."""
+        from .._redis._breaker import SharedBreakerSync
+        from .._redis._counters import CounterFlusher
+
+        settings = self.layer.settings
+        companions: list[_Companion] = []
+        try:
+            if settings.shared_breaker and self.companion_client is not None:
+                sync = SharedBreakerSync(
+                    self.companion_client,
+                    self.layer.breakers,
+                    key_prefix=settings.key_prefix,
+                    poll_interval=settings.shared_breaker_poll_interval,
+                )
+                await sync.start()
+                companions.append(sync)
+            if self.layer.metrics_collector.store is not None:
+                flusher = CounterFlusher(
+                    self.layer.metrics_collector, interval=settings.metrics_flush_interval
+                )
+                flusher.start()
+                companions.append(flusher)
+        except BaseException:
+            await self._stop_companions(companions)
+            raise
+        return companions
 
     async def _stop_companions(self, companions: list[_Companion]) -> None:
         """Stop each companion within ``_COMPANION_STOP_S``: a frozen broker must not hold up exit."""

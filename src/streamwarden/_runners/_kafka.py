@@ -90,7 +90,6 @@ from ._core import (
     Delivery,
     ErrorKind,
     Reclaimed,
-    _Companion,
     _positive_int,
     _seconds,
 )
@@ -1129,6 +1128,7 @@ class KafkaConsumerRunner(ConsumerRunner):
         )
         self.kafka_transport = transport
         self.redis_client = redis_client
+        self.companion_client = redis_client
         layer.telemetry.add_consumer_gauge_source(self._partition_lag_rows)
         self.topic = topic
         self.group = group
@@ -1152,31 +1152,3 @@ class KafkaConsumerRunner(ConsumerRunner):
             (METRIC_CONSUMER_PARTITION_LAG, lag, {**self._attrs, ATTR_PARTITION: where.rpartition("/")[2]})
             for where, lag in self.kafka_transport.partition_lags().items()
         ]
-
-    async def _start_companions(self) -> list[_Companion]:
-        """Per the layer's settings: the counter flusher (Redis counters), the shared breaker state."""
-        from .._redis._breaker import SharedBreakerSync
-        from .._redis._counters import CounterFlusher
-
-        settings = self.layer.settings
-        companions: list[_Companion] = []
-        try:
-            if settings.shared_breaker and self.redis_client is not None:
-                sync = SharedBreakerSync(
-                    self.redis_client,
-                    self.layer.breakers,
-                    key_prefix=settings.key_prefix,
-                    poll_interval=settings.shared_breaker_poll_interval,
-                )
-                await sync.start()
-                companions.append(sync)
-            if self.layer.metrics_collector.store is not None:
-                flusher = CounterFlusher(
-                    self.layer.metrics_collector, interval=settings.metrics_flush_interval
-                )
-                flusher.start()
-                companions.append(flusher)
-        except BaseException:
-            await self._stop_companions(companions)
-            raise
-        return companions

@@ -41,7 +41,6 @@ from ._core import (
     Delivery,
     ErrorKind,
     Reclaimed,
-    _Companion,
     _positive_int,
     _seconds,
 )
@@ -477,6 +476,7 @@ class RedisStreamConsumer(ConsumerRunner):
         )
         self.redis_transport = transport
         self.client = client
+        self.companion_client = client
         self.stream = stream
         self.group = group
         self.consumer = consumer
@@ -488,31 +488,3 @@ class RedisStreamConsumer(ConsumerRunner):
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing."""
         await self.redis_transport.ensure_group()
-
-    async def _start_companions(self) -> list[_Companion]:
-        """Per the layer's settings: shared breaker state, fleet counter flushes."""
-        from .._redis._breaker import SharedBreakerSync
-        from .._redis._counters import CounterFlusher
-
-        settings = self.layer.settings
-        companions: list[_Companion] = []
-        try:
-            if settings.shared_breaker:
-                sync = SharedBreakerSync(
-                    self.client,
-                    self.layer.breakers,
-                    key_prefix=settings.key_prefix,
-                    poll_interval=settings.shared_breaker_poll_interval,
-                )
-                await sync.start()
-                companions.append(sync)
-            if self.layer.metrics_collector.store is not None:
-                flusher = CounterFlusher(
-                    self.layer.metrics_collector, interval=settings.metrics_flush_interval
-                )
-                flusher.start()
-                companions.append(flusher)
-        except BaseException:
-            await self._stop_companions(companions)
-            raise
-        return companions
