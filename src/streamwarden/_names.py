@@ -71,6 +71,8 @@ ATTR_SAMPLING_KEEP: Final = "streamwarden.sampling.keep"
 ATTR_DLQ_ENTRY_ID: Final = "streamwarden.dlq.entry_id"
 ATTR_REPLAY_RESULT: Final = "streamwarden.dlq.replay.result"
 ATTR_RETRY_RESULT: Final = "streamwarden.retry.result"
+ATTR_RETRY_TOPIC: Final = "streamwarden.retry_topic.name"
+ATTR_RETRY_TOPIC_RESULT: Final = "streamwarden.retry_topic.result"
 
 # --- attribute values ----------------------------------------------------------------------------
 MESSAGING_SYSTEM_DEFAULT: Final = "streamwarden"
@@ -105,6 +107,7 @@ METRIC_RETRY_OUTCOMES: Final = "streamwarden.retry.outcomes"
 METRIC_BREAKER_FAILURES: Final = "streamwarden.circuit_breaker.failures"
 METRIC_BREAKER_THRESHOLD: Final = "streamwarden.circuit_breaker.threshold"
 METRIC_BREAKER_RETRY_AFTER: Final = "streamwarden.circuit_breaker.retry_after"
+METRIC_RETRY_TOPIC_RECORDS: Final = "streamwarden.retry_topic.records"
 
 # Histogram bucket boundaries for processing latency, in seconds (0.005 ... 10).
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -134,6 +137,7 @@ PROMETHEUS_NAMES: Final = {
     METRIC_BREAKER_FAILURES: "streamwarden_circuit_breaker_failures",
     METRIC_BREAKER_THRESHOLD: "streamwarden_circuit_breaker_threshold",
     METRIC_BREAKER_RETRY_AFTER: "streamwarden_circuit_breaker_retry_after_seconds",
+    METRIC_RETRY_TOPIC_RECORDS: "streamwarden_retry_topic_records_total",
 }
 
 # --- MetricsCollector counter names (the original module's) ------------------------------------------------

@@ -289,6 +289,11 @@ class Telemetry:
             unit="{message}",
             description="Pending stream entries deleted (trimmed) before they were processed.",
         )
+        self.retry_topic_records = meter.create_counter(
+            n.METRIC_RETRY_TOPIC_RECORDS,
+            unit="{message}",
+            description="Kafka: failed messages sent on to a retry topic (result sent) or not (send_failed: held locally).",
+        )
         self.invalid_messages = meter.create_counter(
             n.METRIC_INVALID_MESSAGES,
             unit="{message}",

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from streamwarden._kafka._admin import TopicCreationError
 from streamwarden._runners._core import ErrorKind
 from streamwarden._runners._kafka import KafkaTransport, decode_record
 
@@ -108,6 +109,10 @@ def _transport() -> KafkaTransport:
         (ke.SaslAuthenticationFailed(), ErrorKind.CONFIGURATION),
         (ke.InvalidConfigurationError(), ErrorKind.CONFIGURATION),
         (ke.UnsupportedVersionError(), ErrorKind.CONFIGURATION),
+        (
+            TopicCreationError("cannot create Kafka topic 't.retry.0': PolicyViolationError"),
+            ErrorKind.CONFIGURATION,
+        ),
         (ValueError("a bug"), None),
         (KeyError("x"), None),
     ],

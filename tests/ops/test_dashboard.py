@@ -176,6 +176,7 @@ REQUIRED_ON_OVERVIEW = [
     "streamwarden_circuit_breaker_threshold",
     "streamwarden_circuit_breaker_retry_after_seconds",
     "streamwarden_retry_outcomes_total",
+    "streamwarden_retry_topic_records_total",
 ]
 
 

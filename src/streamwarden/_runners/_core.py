@@ -58,8 +58,11 @@ plugs into the same core:
   completed offset + 1 (a gap, i.e. a message still in flight or given back, holds the commit).
 * ``give_back(refs)`` is called for refs that were not acknowledged (deferred, in progress elsewhere,
   failed DLQ write, abandoned at shutdown). Redis: nothing, the entry stays pending and is reclaimed
-  after ``claim_idle_ms``. Kafka: seek the partition back to the lowest given-back offset (or route it to
-  a retry topic), so the contiguous commit never passes it.
+  after ``claim_idle_ms``. Kafka: the record is held and handed out again after a back-off; its
+  offset stays open, so the contiguous commit never passes it.
+* ``reroute(ref, error)`` (optional, :class:`Rerouting`) is offered first a delivery whose handler ran
+  and failed retriably. Kafka with retry topics: the record is copied to a retry topic with a due time
+  and its offset settles once the copy is confirmed (Spring Kafka's non-blocking retries).
 * ``classify(error)`` sorts an exception into :class:`ErrorKind` (or ``None``: not a broker error) and
   ``explain(error)`` says in one line what to fix for a configuration error.
 * ``backlog()`` (lag, pending) feeds the gauges and the health answer; ``ping()`` the health answer;
@@ -90,7 +93,7 @@ from .._envelope import Envelope
 from .._exceptions import ConfigurationError
 from .._layer import ProcessResult, ReliabilityLayer, StagedCompletion
 from .._retry import Backoff, ExponentialBackoff
-from .._types import Clock, Processor, Sleep
+from .._types import Clock, Outcome, Processor, Sleep
 from ._health import Health
 
 __all__ = [
@@ -102,6 +105,7 @@ __all__ = [
     "ErrorKind",
     "Pausable",
     "Reclaimed",
+    "Rerouting",
     "Transport",
     "require_async_handler",
 ]
@@ -116,6 +120,7 @@ _COMPANION_STOP_S = 1.0
 _COMMIT_TRIES = 3
 # Bound on each I/O a health check makes (ping, DLQ depth, backlog).
 _PROBE_S = 2.0
+_DEFERRED = Outcome.DEFERRED
 
 
 class ErrorKind(enum.Enum):
@@ -212,6 +217,21 @@ class Pausable(Protocol):
         """Fetch again."""
 
 
+@runtime_checkable
+class Rerouting(Protocol):
+    """A transport that can send a failed message on for a later try instead of taking it back
+    (Kafka: a retry topic with a due time, :class:`~._kafka.KafkaTransport`).
+
+    The core offers it a delivery whose handler ran and failed retriably (``DEFERRED`` after at least
+    one attempt) before giving it back; the transport answers ``True`` when it takes the delivery over
+    (it settles the offset itself once the copy is confirmed, and holds it for a local redelivery if
+    the copy fails), ``False`` to have it given back as usual.
+    """
+
+    def reroute(self, ref: Hashable, error: BaseException | None) -> bool:
+        """Take ``ref`` over for a later try elsewhere; ``False`` when this transport will not."""
+
+
 @dataclass
 class ConsumerStats:
     """Counters of one runner (also visible as OpenTelemetry metrics)."""
@@ -225,6 +245,7 @@ class ConsumerStats:
     paused_for_breaker: int = 0
     isolated: int = 0
     escaped: int = 0
+    rerouted: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
@@ -472,6 +493,8 @@ class ConsumerRunner:
         telemetry = layer.telemetry
         self._attrs = telemetry.consumer_attrs(transport.destination, transport.group)
         self._oldest_pending_age: float | None = None
+        # a handler that ran and failed retriably goes on to a retry topic where the transport has one
+        self._reroute = transport.reroute if isinstance(transport, Rerouting) else None
         self._lost_counter = telemetry.consumer_lost
         self._lost_counter.add(0, self._attrs)  # the series exists at 0, so increase() sees the first loss
         telemetry.add_consumer_gauge_source(self._gauge_values)
@@ -952,6 +975,15 @@ class ConsumerRunner:
             if result is not None:
                 outcome = result.outcome.value
                 self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+                reroute = self._reroute
+                if (
+                    reroute is not None
+                    and result.outcome is _DEFERRED
+                    and result.attempts > 0
+                    and reroute(delivery.ref, result.error)
+                ):
+                    self.stats.rerouted += 1
+                    return
             self.stats.not_acked += 1
             self.transport.give_back((delivery.ref,))
             return

@@ -16,6 +16,25 @@ that time. Seeking back instead would keep the order but replay every record beh
 a duplicate round trip to the dedup store, and stall the partition behind one message that another
 member still holds (``IN_PROGRESS``).
 
+**Retry topics** (``retry_delays``, Spring Kafka's non-blocking retries). Giving a record back holds
+its partition's commit until it runs again: right for short waits (the layer's in-process retries,
+then the local redeliveries above), wrong for long ones. With ``retry_delays=(d0, d1, ...)`` a record
+whose handler ran and failed retriably (the layer's ``DEFERRED`` after its retries ran out; set
+``exhausted_transient_action="defer"``) is instead copied to ``{topic}.retry.0`` with a due time of now
++ ``d0``, then from there to ``{topic}.retry.1`` and so on; the last retry topic takes its own failures
+again. The original offset settles (and commits) once the broker confirmed the copy (``acks=all``); a
+copy that fails is held and redelivered here instead. The copy keeps the record's key, value and
+headers, carries the message id as the id header (one dedup record for every copy, so the attempt
+count that makes it poison counts across topics; ``poison_max_deliveries`` ends the cycle in the DLQ),
+and ``streamwarden.original.*`` / ``streamwarden.retry.*`` headers: where it came from, when it is due,
+its delivery count and the error's type (never its message). The member subscribes to the retry topics
+too (created when missing, with the topic's partition count). A retry-topic record that is not due yet
+pauses its partition at that offset until it is (the records behind it are due later: one topic, one
+delay); a due time beyond now + that topic's delay (a skewed clock, a forged header) counts as now +
+the delay. Retry records run as messages of ``topic``: the same dedup scope, DLQ and metrics (their
+source the original record). Partition lag covers ``topic`` only: records waiting in a retry topic are
+scheduled, not late.
+
 **Commits** never pass an open offset: a record read and not acknowledged (in flight, given back,
 waiting for its redelivery) holds its partition's commit. Offsets need not be consecutive (compaction,
 transaction markers): "contiguous" means contiguous among the records read. Acknowledgements of a
@@ -67,13 +86,15 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
 
 from .. import _names as n
@@ -82,7 +103,7 @@ from .._exceptions import ConfigurationError
 from .._layer import ReliabilityLayer
 from .._redis._wire import as_text
 from .._retry import Backoff, ExponentialBackoff
-from .._telemetry import telemetry_for
+from .._telemetry import Telemetry, telemetry_for
 from .._types import Clock, Processor, Sleep
 from ._core import (
     Backlog,
@@ -100,6 +121,13 @@ try:
     import aiokafka.errors as _kerr
 except ImportError as exc:  # pragma: no cover - the optional dependency
     raise ImportError("the Kafka transport needs aiokafka: pip install 'streamwarden[kafka]'") from exc
+
+from .._kafka._admin import (
+    MAX_TOPIC_CHARS,
+    TOPIC_NAME,
+    TopicCreationError,
+    create_missing_topics,
+)
 
 __all__ = [
     "KafkaConsumerRunner",
@@ -128,6 +156,36 @@ _UNDECODABLE: tuple[type[BaseException], ...] = (UnicodeError, _kerr.CorruptReco
 # Bound on the undecodable records one isolation pass skips.
 _MAX_SKIPS = 100
 
+# Retry topics (KafkaTransport.reroute): headers of the copy, and bounds on the configuration.
+HEADER_RETRY_DUE = "streamwarden.retry.due_ms"
+HEADER_RETRY_DELIVERY_COUNT = "streamwarden.retry.delivery_count"
+HEADER_RETRY_ERROR_TYPE = "streamwarden.retry.error.type"
+HEADER_ORIGINAL_TOPIC = "streamwarden.original.topic"
+HEADER_ORIGINAL_PARTITION = "streamwarden.original.partition"
+HEADER_ORIGINAL_OFFSET = "streamwarden.original.offset"
+_RETRY_HEADER_PREFIXES = ("streamwarden.retry.", "streamwarden.original.")
+DEFAULT_RETRY_SUFFIX = ".retry"
+_MAX_RETRY_TOPICS = 10
+_MAX_RETRY_DELAY_S = 7 * 24 * 3600.0
+_MAX_ERROR_TYPE_CHARS = 200
+# aiokafka options a consumer shares with the producer and admin client the retry topics need.
+_SHARED_CLIENT_OPTIONS = frozenset(
+    {
+        "security_protocol",
+        "ssl_context",
+        "sasl_mechanism",
+        "sasl_plain_username",
+        "sasl_plain_password",
+        "sasl_kerberos_service_name",
+        "sasl_kerberos_domain_name",
+        "sasl_oauth_token_provider",
+        "api_version",
+        "request_timeout_ms",
+        "connections_max_idle_ms",
+        "metadata_max_age_ms",
+    }
+)
+
 # Refusals retrying cannot fix: permissions, credentials, a bad name or option, a broker too old.
 _CONFIGURATION_ERRORS: tuple[type[BaseException], ...] = (
     _kerr.TopicAuthorizationFailedError,
@@ -151,6 +209,7 @@ _CONFIGURATION_ERRORS: tuple[type[BaseException], ...] = (
     _kerr.NoOffsetForPartitionError,
     _kerr.SecurityDisabled,
     _kerr.IllegalOperation,
+    TopicCreationError,  # a retry topic the broker will not create (policy, permission)
 )
 _AUTH_ERRORS: tuple[type[BaseException], ...] = (
     _kerr.TopicAuthorizationFailedError,
@@ -407,10 +466,12 @@ class _Partition:
 
 @dataclasses.dataclass(slots=True)
 class _Open:
-    """A record read and not acknowledged: its delivery (to hand it out again) and its timestamp."""
+    """A record read and not acknowledged: its delivery (to hand it out again), its timestamp and the
+    record itself (copied as it is to a retry topic)."""
 
     delivery: Delivery
     timestamp_ms: float | None
+    record: Any = None
 
 
 class _Rebalance(aiokafka.ConsumerRebalanceListener):  # type: ignore[misc]
@@ -455,6 +516,9 @@ class KafkaTransport:
         redeliver_backoff: Backoff | None = None,
         max_held: int = 1000,
         consumer_options: Mapping[str, Any] | None = None,
+        retry_delays: Sequence[float] = (),
+        retry_topic_suffix: str = DEFAULT_RETRY_SUFFIX,
+        create_retry_topics: bool = True,
         clock: Clock = time.monotonic,
         wall_clock: Clock = time.time,
         sleep: Sleep = asyncio.sleep,
@@ -500,6 +564,13 @@ class KafkaTransport:
             raise ConfigurationError(
                 f"consumer_options may not set {', '.join(clash)}: the transport sets them"
             )
+        self.retry_delays = _retry_delays(retry_delays)
+        self.retry_topics = tuple(
+            _retry_topic(topic, retry_topic_suffix, i) for i in range(len(self.retry_delays))
+        )
+        self.create_retry_topics = bool(create_retry_topics)
+        self.topics = (topic, *self.retry_topics)
+        self._retry_hop = {name: i for i, name in enumerate(self.retry_topics)}
         self.bootstrap_servers = servers
         self.topic = topic
         self.destination = topic
@@ -531,6 +602,17 @@ class KafkaTransport:
         self._skipped: list[str] = []  # undecodable records skipped, until reclaim() reports them
         self._lags: dict[str, int] = {}
         self.rebalances = 0
+        # retry topics: partitions paused until their next record is due (wall-clock seconds), the
+        # copies in flight, the producer that writes them, and who hears of each copy's fate
+        self._waiting: dict[tuple[str, int], float] = {}
+        # the due time settled for a retry partition's next record (offset, due), so that a record whose
+        # due time was cut to now + delay is not cut again, later, when it is read again
+        self._due_at: dict[tuple[str, int], tuple[int, float]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+        self._producer: Any = None
+        self._producer_lock = asyncio.Lock()
+        self.on_reroute: Callable[[str, str], None] | None = None
+        self.telemetry: Telemetry | None = None  # the runner's: a span around each retry-topic copy
 
     # --- the group --------------------------------------------------------------------------------
     @property
@@ -551,7 +633,9 @@ class KafkaTransport:
             auto_offset_reset=self.start_from,
             **self.consumer_options,
         )
-        client.subscribe([self.topic], listener=self._listener)
+        if self.retry_topics and self.create_retry_topics:
+            await self._ensure_retry_topics()
+        client.subscribe(list(self.topics), listener=self._listener)
         try:
             await client.start()
         except BaseException:
@@ -570,6 +654,7 @@ class KafkaTransport:
         rebalance at once rather than after the session timeout.
         """
         await self._end_keepalive()
+        await self._end_sending()
         if self._client is not None and self._parts:
             try:
                 await self._commit(set(self._parts))
@@ -578,6 +663,12 @@ class KafkaTransport:
         client, self._client = self._client, None
         self._fetch = None
         self._forget(set(self._parts))
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), timeout=self.close_timeout)
+            except (Exception, TimeoutError) as exc:
+                log.warning("closing the retry-topic producer of %s failed: %r", self.consumer, exc)
         if client is None:
             return
         try:
@@ -595,7 +686,7 @@ class KafkaTransport:
     async def _revoked(self, revoked: Iterable[Any]) -> None:
         """Stop handing out the revoked partitions' held records, let their busy records settle
         (``revoke_timeout``), commit what is contiguous, forget them."""
-        gone = {(tp.topic, tp.partition) for tp in revoked if tp.topic == self.topic}
+        gone = {(tp.topic, tp.partition) for tp in revoked if tp.topic in self.topics}
         if not gone:
             return
         self._revoking |= gone
@@ -627,6 +718,8 @@ class KafkaTransport:
         for tp in partitions:
             self._parts.pop(tp, None)
             self._dirty.discard(tp)
+            self._waiting.pop(tp, None)
+            self._due_at.pop(tp, None)
         if not partitions:
             return
         self._open = {r: o for r, o in self._open.items() if (r.topic, r.partition) not in partitions}
@@ -652,11 +745,26 @@ class KafkaTransport:
     def _register(self, records: Mapping[Any, Sequence[Any]]) -> list[Delivery]:
         """Track the records ``getmany`` returned; their deliveries, in the order read."""
         out: list[Delivery] = []
+        wall_now: float | None = None
         for tp, batch in records.items():
             key = (tp.topic, tp.partition)
+            hop = self._retry_hop.get(tp.topic) if self._retry_hop else None
             part = self._parts.get(key)
             for record in batch:
                 offset = record.offset
+                if hop is not None:
+                    if wall_now is None:
+                        wall_now = self._wall_clock()
+                    settled = self._due_at.get(key)
+                    if settled is not None and settled[0] == offset:
+                        due = settled[1]
+                    else:
+                        due = self._due(record, hop, wall_now)
+                    if due > wall_now:  # this record and the ones behind it: read again once due
+                        self._due_at[key] = (offset, due)
+                        self._wait_until(tp, offset, due)
+                        break
+                    self._due_at.pop(key, None)
                 if part is None or offset < part.tracker.last_read:
                     if part is not None:  # the position moved back (an offset reset): start over
                         log.warning("consumer %s: %s/%s went back to offset %s", self.consumer, *key, offset)
@@ -672,12 +780,14 @@ class KafkaTransport:
                     headers=record.headers,
                     id_header=self.id_header,
                 )
+                if hop is not None:
+                    env = self._retried(env)
                 ref = KafkaRef(tp.topic, tp.partition, offset, part.epoch)
                 delivery = Delivery(
                     ref=ref, envelope=env, order_key=self._order_key(env, tp.topic, tp.partition)
                 )
                 timestamp = record.timestamp if isinstance(record.timestamp, int | float) else None
-                self._open[ref] = _Open(delivery, timestamp)
+                self._open[ref] = _Open(delivery, timestamp, record)
                 out.append(delivery)
         return out
 
@@ -712,6 +822,8 @@ class KafkaTransport:
         wait_s = self.poll_timeout_ms / 1000
         if self._held:
             wait_s = max(0.0, min(wait_s, self._held[0][0] - self._clock()))
+        if self._waiting:
+            wait_s = max(0.0, min(wait_s, self._resume_due()))
         if len(out) < max_count and len(self._held) < self.max_held:
             out += await self._poll(0 if out else int(wait_s * 1000), max_count - len(out))
         elif not out:
@@ -758,7 +870,7 @@ class KafkaTransport:
         skipped = 0
         paused = set(client.paused())
         for tp in sorted(client.assignment()):
-            if tp in paused or tp.topic != self.topic:
+            if tp in paused or tp.topic not in self.topics:
                 continue
             while len(out) < max_records and skipped < _MAX_SKIPS:
                 position = await asyncio.wait_for(client.position(tp), timeout=_BACKLOG_S)
@@ -853,6 +965,247 @@ class KafkaTransport:
             heapq.heappush(self._held, (now + delay, next(self._sequence), ref))
         self._settled.set()
 
+    # --- retry topics ---------------------------------------------------------------------------
+    def reroute(self, ref: Hashable, error: BaseException | None) -> bool:
+        """:class:`~._core.Rerouting`: copy a record whose handler failed retriably to the next retry
+        topic, with a due time; ``False`` (give it back instead) without retry topics, or when ``ref``
+        is no longer this member's. Its offset stays open until the copy is confirmed (``acks=all``),
+        then settles like an acknowledgement; a copy that fails is held here for a local redelivery."""
+        if not self.retry_topics or not isinstance(ref, KafkaRef) or self._client is None:
+            return False
+        part = self._live(ref)
+        entry = self._open.get(ref)
+        if (
+            part is None
+            or entry is None
+            or entry.record is None
+            or (ref.topic, ref.partition) in self._revoking
+        ):
+            return False
+        hop = self._retry_hop.get(ref.topic)
+        target = 0 if hop is None else min(hop + 1, len(self.retry_topics) - 1)
+        task = asyncio.get_running_loop().create_task(self._send_retry(ref, entry, target, error))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        return True
+
+    async def _send_retry(self, ref: KafkaRef, entry: _Open, hop: int, error: BaseException | None) -> None:
+        topic = self.retry_topics[hop]
+        try:
+            key, value, headers = self._retry_copy(entry, hop, error)
+            async with asyncio.timeout(self.commit_timeout):
+                producer = await self._producer_ready()
+                telemetry = self.telemetry
+                if telemetry is None or not telemetry.tracing_enabled():
+                    await producer.send_and_wait(topic, value, key=key, headers=headers)
+                else:
+                    await self._send_traced(telemetry, producer, topic, entry, key, value, headers)
+        except asyncio.CancelledError:  # close(): not confirmed, so not settled: read again later
+            raise
+        except Exception as exc:
+            log.warning(
+                "consumer %s: copying %s/%s/%s to retry topic %s failed (%r); redelivering it here",
+                self.consumer,
+                ref.topic,
+                ref.partition,
+                ref.offset,
+                topic,
+                exc,
+            )
+            self._report(topic, "send_failed")
+            self.give_back((ref,))
+            return
+        self._report(topic, "sent")
+        try:
+            await self.ack((ref,))
+        except Exception as exc:  # the partition stays dirty: the next read commits it
+            log.debug("consumer %s: commit after a retry-topic copy failed: %r", self.consumer, exc)
+
+    @staticmethod
+    async def _send_traced(
+        telemetry: Telemetry,
+        producer: Any,
+        topic: str,
+        entry: _Open,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        """Send the copy under a PRODUCER ``send {retry topic}`` span in the record's own trace (its
+        ``traceparent``), and give the copy that span's context: its next run links to it, so the
+        trace shows each hop."""
+        token = otel_context.attach(propagate.extract(entry.delivery.envelope.headers))
+        try:
+            with telemetry.send_span(topic, entry.delivery.envelope.id, MESSAGING_SYSTEM_KAFKA):
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                traced = [(k, v) for k, v in headers if k not in (HEADER_TRACEPARENT, HEADER_TRACESTATE)]
+                traced += [
+                    (k, v.encode())
+                    for k, v in carrier.items()
+                    if k in (HEADER_TRACEPARENT, HEADER_TRACESTATE)
+                ]
+                await producer.send_and_wait(topic, value, key=key, headers=traced)
+        finally:
+            otel_context.detach(token)
+
+    def _report(self, topic: str, result: str) -> None:
+        hook = self.on_reroute
+        if hook is not None:
+            try:
+                hook(topic, result)
+            except Exception as exc:  # telemetry must not decide a message's fate
+                log.debug("retry-topic report failed: %r", exc)
+
+    def _retry_copy(
+        self, entry: _Open, hop: int, error: BaseException | None
+    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+        """Key, value and headers of a record's copy for retry topic ``hop``: the record as it was
+        read, its id as the id header (so an id taken from the key or the offset stays the same), where
+        it first came from, the due time, the delivery count and the error's type (never its message)."""
+        record = entry.record
+        env = entry.delivery.envelope
+        headers: list[tuple[str, bytes]] = []
+        for name, raw in _header_items(record.headers):
+            if name == self.id_header or name.startswith(_RETRY_HEADER_PREFIXES):
+                continue
+            headers.append(
+                (name, raw if isinstance(raw, bytes) else as_text(raw).encode("utf-8", "surrogateescape"))
+            )
+        # the record it all started from ("{topic}/{partition}/{offset}"; topic names hold no "/")
+        _topic, origin_partition, origin_offset = f"//{env.source_ref or ''}".rsplit("/", 2)
+        due_ms = int((self._wall_clock() + self.retry_delays[hop]) * 1000)
+        error_type = "" if error is None else _type_name(error)[:_MAX_ERROR_TYPE_CHARS]
+        headers += [
+            (self.id_header, env.id.encode("utf-8", "surrogateescape")),
+            (HEADER_ORIGINAL_TOPIC, self.topic.encode()),
+            (HEADER_ORIGINAL_PARTITION, origin_partition.encode("utf-8", "surrogateescape")),
+            (HEADER_ORIGINAL_OFFSET, origin_offset.encode("utf-8", "surrogateescape")),
+            (HEADER_RETRY_DUE, str(due_ms).encode()),
+            (HEADER_RETRY_DELIVERY_COUNT, str(env.delivery_count + 1).encode()),
+            (HEADER_RETRY_ERROR_TYPE, error_type.encode("utf-8", "surrogateescape")),
+        ]
+        key = (
+            record.key
+            if isinstance(record.key, bytes) or record.key is None
+            else as_text(record.key).encode()
+        )
+        value = (
+            record.value
+            if isinstance(record.value, bytes) or record.value is None
+            else as_text(record.value).encode()
+        )
+        return key, value, headers
+
+    def _due(self, record: Any, hop: int, now: float) -> float:
+        """When a retry-topic record may run (wall-clock seconds): its due header, but never later than
+        ``now`` plus its topic's delay (a skewed clock or a forged header cannot stall the partition);
+        ``now`` when the header is missing or unreadable."""
+        for name, raw in _header_items(record.headers):
+            if name == HEADER_RETRY_DUE:
+                try:
+                    due = int(as_text(raw)) / 1000
+                except (TypeError, ValueError, OverflowError):
+                    return now
+                return min(due, now + self.retry_delays[hop]) if math.isfinite(due) else now
+        return now
+
+    def _retried(self, env: Envelope) -> Envelope:
+        """The envelope of a retry-topic record: the original topic as its destination (one dedup scope
+        for every copy), the original record as its source, the delivery count carried along."""
+        headers = env.headers
+        source = env.source_ref
+        partition, offset = (
+            headers.get(HEADER_ORIGINAL_PARTITION, ""),
+            headers.get(HEADER_ORIGINAL_OFFSET, ""),
+        )
+        if partition.isdigit() and offset.isdigit() and len(partition) + len(offset) < 40:
+            source = f"{self.topic}/{partition}/{offset}"
+        count = headers.get(HEADER_RETRY_DELIVERY_COUNT, "")
+        delivery_count = int(count) if count.isdigit() and len(count) < 10 else env.delivery_count
+        return dataclasses.replace(
+            env, destination=self.topic, source_ref=source, delivery_count=max(1, delivery_count)
+        )
+
+    def _wait_until(self, tp: Any, offset: int, due: float) -> None:
+        """Pause ``tp`` (a retry topic's) at ``offset`` until ``due``: the records behind it are due later."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            client.seek(tp, offset)
+            client.pause(tp)
+        except _kerr.IllegalStateError:  # no longer assigned: its new owner waits instead
+            return
+        self._waiting[(tp.topic, tp.partition)] = due
+
+    def _resume_due(self) -> float:
+        """Resume the waiting retry-topic partitions that are due (unless the breaker paused fetching);
+        returns the seconds until the next one is."""
+        now = self._wall_clock()
+        client = self._client
+        for key, due in list(self._waiting.items()):
+            if due <= now:
+                del self._waiting[key]
+                if client is not None and not self._paused:
+                    with contextlib.suppress(_kerr.IllegalStateError):
+                        client.resume(aiokafka.TopicPartition(*key))
+        return min(self._waiting.values(), default=math.inf) - now
+
+    async def _producer_ready(self) -> Any:
+        async with self._producer_lock:
+            if self._producer is None:
+                producer = aiokafka.AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers,
+                    client_id=f"{self.consumer}-retry",
+                    acks="all",
+                    enable_idempotence=False,  # Tansu refuses InitProducerId; a copy is deduplicated anyway
+                    **self._shared_options(),
+                )
+                try:
+                    await producer.start()
+                except BaseException:
+                    with contextlib.suppress(Exception, TimeoutError):
+                        await asyncio.wait_for(producer.stop(), timeout=self.close_timeout)
+                    raise
+                self._producer = producer
+            return self._producer
+
+    def _shared_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.consumer_options.items() if k in _SHARED_CLIENT_OPTIONS}
+
+    async def _ensure_retry_topics(self) -> None:
+        """Create the retry topics that are missing, with as many partitions as the topic."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.consumer}-admin",
+            **self._shared_options(),
+        )
+        async with asyncio.timeout(self.commit_timeout):
+            await admin.start()
+            try:
+                partitions = 1
+                with contextlib.suppress(Exception):
+                    described = await admin.describe_topics([self.topic])
+                    partitions = len(described[0].get("partitions") or ()) or 1
+                await create_missing_topics(admin, {name: (partitions, {}) for name in self.retry_topics})
+            finally:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+
+    async def _end_sending(self) -> None:
+        """Let the retry-topic copies in flight finish (``close_timeout``), cancel the rest: their
+        records were not settled, so they are read again."""
+        if not self._sending:
+            return
+        _done, pending = await asyncio.wait(set(self._sending), timeout=self.close_timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=self.close_timeout)
+
     async def _commit(self, partitions: Iterable[tuple[str, int]]) -> None:
         """One commit of the committable offsets of ``partitions`` (still assigned), serialised, so a
         commit never records a lower offset after a higher one."""
@@ -898,7 +1251,8 @@ class KafkaTransport:
         self._stop_keepalive()
         client = self._client
         if client is not None:
-            paused = list(client.paused())
+            # a retry-topic partition waiting for its next record's due time stays paused
+            paused = [tp for tp in client.paused() if (tp.topic, tp.partition) not in self._waiting]
             if paused:
                 client.resume(*paused)
 
@@ -1022,11 +1376,52 @@ class KafkaTransport:
             hint = "the topic or group name is not valid for Kafka"
         elif isinstance(error, _kerr.UnsupportedVersionError | _kerr.IncompatibleBrokerVersion):
             hint = "the broker is too old for this client (Kafka 0.11 or newer is required)"
+        elif isinstance(error, TopicCreationError):
+            hint = "create the retry topics (or grant the principal Create on the cluster)"
         elif isinstance(error, _kerr.UnsupportedCodecError):
             hint = "the topic is compressed with a codec whose library is not installed (lz4, zstd, snappy)"
         else:
             hint = "the client or broker refused the consumer's options"
         return f"{where}: {hint} (Kafka said: {type(error).__name__}: {text})"
+
+
+def _type_name(error: BaseException) -> str:
+    """``module.QualifiedName`` of an exception's type; a hostile type with broken names gives what it can."""
+    kind = type(error)
+    try:
+        return f"{kind.__module__}.{kind.__qualname__}"
+    except Exception:
+        return "BaseException"
+
+
+def _retry_delays(delays: object) -> tuple[float, ...]:
+    """The retry topics' delays, checked: at most 10, each finite, above 0 and at most a week."""
+    if isinstance(delays, str | bytes) or not isinstance(delays, Iterable):
+        raise ConfigurationError(f"retry_delays must be a sequence of seconds, got {delays!r}")
+    out = tuple(delays)
+    if len(out) > _MAX_RETRY_TOPICS:
+        raise ConfigurationError(f"at most {_MAX_RETRY_TOPICS} retry topics, got {len(out)} delays")
+    for delay in out:
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not math.isfinite(delay)
+            or not 0 < delay <= _MAX_RETRY_DELAY_S
+        ):
+            raise ConfigurationError(
+                f"each retry delay must be seconds above 0 and at most {_MAX_RETRY_DELAY_S:.0f}, got {delay!r}"
+            )
+    return tuple(float(d) for d in out)
+
+
+def _retry_topic(topic: str, suffix: str, index: int) -> str:
+    """``{topic}{suffix}.{index}``, checked to be a legal topic name."""
+    name = f"{topic}{suffix}.{index}"
+    if not isinstance(suffix, str) or not TOPIC_NAME.fullmatch(name) or len(name) > MAX_TOPIC_CHARS:
+        raise ConfigurationError(
+            f"retry topic {name!r} is not a Kafka topic name of at most {MAX_TOPIC_CHARS} characters of [A-Za-z0-9._-]"
+        )
+    return name
 
 
 def _servers(bootstrap: object) -> list[str]:
@@ -1080,6 +1475,9 @@ class KafkaConsumerRunner(ConsumerRunner):
         max_held: int = 1000,
         redeliver_backoff: Backoff | None = None,
         consumer_options: Mapping[str, Any] | None = None,
+        retry_delays: Sequence[float] = (),
+        retry_topic_suffix: str = DEFAULT_RETRY_SUFFIX,
+        create_retry_topics: bool = True,
         redis_client: Any = None,
         metrics_every_s: float = 5.0,
         lost_every_s: float = 5.0,
@@ -1091,6 +1489,11 @@ class KafkaConsumerRunner(ConsumerRunner):
         if not isinstance(layer, ReliabilityLayer):
             raise ConfigurationError(f"layer must be a ReliabilityLayer, got {type(layer).__name__}")
         self.max_backoff_s = _seconds("max_backoff_s", max_backoff_s)
+        if retry_delays and layer.settings.exhausted_transient_action != "defer":
+            raise ConfigurationError(
+                "retry topics take the messages whose retries ran out: set exhausted_transient_action to "
+                "'defer' (STREAMWARDEN_EXHAUSTED_TRANSIENT_ACTION=defer), else they are dead-lettered at once"
+            )
         transport = KafkaTransport(
             bootstrap_servers=bootstrap_servers,
             topic=topic,
@@ -1106,6 +1509,9 @@ class KafkaConsumerRunner(ConsumerRunner):
             redeliver_backoff=redeliver_backoff,
             max_held=max_held,
             consumer_options=consumer_options,
+            retry_delays=retry_delays,
+            retry_topic_suffix=retry_topic_suffix,
+            create_retry_topics=create_retry_topics,
             clock=clock,
             wall_clock=wall_clock,
             sleep=sleep,
@@ -1127,6 +1533,8 @@ class KafkaConsumerRunner(ConsumerRunner):
             backoff=backoff,
         )
         self.kafka_transport = transport
+        transport.on_reroute = self._count_rerouted
+        transport.telemetry = layer.telemetry
         self.redis_client = redis_client
         self.companion_client = redis_client
         layer.telemetry.add_consumer_gauge_source(self._partition_lag_rows)
@@ -1141,6 +1549,11 @@ class KafkaConsumerRunner(ConsumerRunner):
             await super().run()
         finally:
             await self.kafka_transport.close()
+
+    def _count_rerouted(self, topic: str, result: str) -> None:
+        self.layer.telemetry.retry_topic_records.add(
+            1, {**self._attrs, n.ATTR_RETRY_TOPIC: topic, n.ATTR_RETRY_TOPIC_RESULT: result}
+        )
 
     def partition_lags(self) -> dict[str, int]:
         """Per-partition lag as of the last lag refresh (``"{topic}/{partition}"`` to records)."""
