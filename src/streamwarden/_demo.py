@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -190,6 +190,7 @@ class BrokerAPI:
         self._config = config
         self._rng = rng
         self.outage = False
+        self.outage_failures = 0  # calls failed by an outage, ever
         self.executed: Counter[str] = Counter()
 
     async def execute(self, message: Any) -> dict[str, Any]:
@@ -198,6 +199,7 @@ class BrokerAPI:
         low, high = self._config.latency_ms
         await asyncio.sleep(self._rng.uniform(low, high) / 1000.0)
         if self.outage:
+            self.outage_failures += 1
             raise ConnectionError("broker API unreachable (outage)")
         qty = data["qty"]
         if not isinstance(qty, int | float) or qty <= 0:
@@ -326,9 +328,39 @@ async def _outage_schedule(config: DemoConfig, broker: BrokerAPI, stop: asyncio.
 
 
 def _outage_window(config: DemoConfig) -> range:
-    """The Redis demo's outage: while the producer writes these message numbers."""
+    """The stream demos' outage: while the producer writes these message numbers (see :class:`_Outage`)."""
     start = int(config.messages * config.outage_start)
     return range(start, int(config.messages * (config.outage_start + config.outage_length)))
+
+
+# Bound on how long a stream demo's outage outlasts its window while the consumers have not felt it.
+_OUTAGE_MAX_S = 10.0
+
+
+class _Outage:
+    """The stream demos' outage switch, moved by the producer loop: on from the first message of the
+    window, off once the window was written *and* the consumers felt it, i.e. the outage failed enough
+    calls to open every runner's breaker (``needed``), or after :data:`_OUTAGE_MAX_S` seconds.
+
+    A window of messages alone is a race: consumers that read the window's records only after the
+    producer moved past it (a slow fetch, a busy machine) would never meet the outage.
+    """
+
+    def __init__(self, config: DemoConfig, broker: BrokerAPI, needed: int) -> None:
+        self._window = _outage_window(config)
+        self._broker = broker
+        self._needed = broker.outage_failures + needed
+        self._started: float | None = None
+
+    def update(self, produced: int) -> None:
+        broker = self._broker
+        if produced in self._window:
+            if self._started is None:
+                self._started = time.monotonic()
+            broker.outage = True
+        elif broker.outage and self._started is not None:
+            felt = broker.outage_failures >= self._needed
+            broker.outage = not felt and time.monotonic() - self._started < _OUTAGE_MAX_S
 
 
 # --- the embedded demo -------------------------------------------------------------------------------
@@ -663,13 +695,11 @@ class _RedisRun:
         from ._runners import StreamProducer
 
         producer = StreamProducer(self.client, DEMO_STREAM, service_name=DEMO_SERVICE)
-        workload, report, outage = (
-            _Workload(self.config, self.report),
-            self.report,
-            _outage_window(self.config),
-        )
+        workload, report = _Workload(self.config, self.report), self.report
+        threshold = self.settings.circuit_breaker_threshold
+        outage = _Outage(self.config, self.broker, threshold * len(self.layers))
         while not self.stop.is_set() and (message := workload.next_message()) is not None:
-            self.broker.outage = report.produced in outage
+            outage.update(report.produced)
             await producer.send(message, message_id=message.get("id"))
             await asyncio.sleep(1.0 / self.config.rate)
             if self.on_progress is not None and report.produced % 25 == 0:
@@ -764,7 +794,8 @@ KAFKA_DEMO_CONSUMER_OPTIONS: dict[str, Any] = {
 class _KafkaRun:
     """One Kafka run: the topic (created when missing), ``consumers`` runners in one group, the producer
     and reconciliation. With ``client`` (Redis) the layers share its dedup store, dead-letter queue and
-    counters; without it one runner on the embedded stores, dead letters in the ``{topic}.dlq`` topic."""
+    counters; without it one runner on the embedded stores, dead letters in the ``{topic}.dlq`` topic.
+    ``client_options`` (TLS, SASL, request timeout) go to every aiokafka client of the run."""
 
     def __init__(
         self,
@@ -777,12 +808,14 @@ class _KafkaRun:
         partitions: int,
         key_prefix: str,
         consumer_options: dict[str, Any],
+        client_options: Mapping[str, Any],
         stop: asyncio.Event,
         on_progress: Callable[[DemoReport, int], None] | None,
     ) -> None:
         from ._runners._kafka import KafkaConsumerRunner, KafkaOrdering
 
         self.config, self.bootstrap, self.topic, self.client = config, bootstrap, topic, client
+        self.client_options = client_options
         self.stop, self.on_progress = stop, on_progress
         self.partitions = partitions
         # A group of its own per run, its offsets set to the topic's end before it has members (a broker
@@ -806,7 +839,13 @@ class _KafkaRun:
             from ._kafka import KafkaDeadLetterStore
 
             consumers = 1  # the embedded dedup store is per process: one member, or a rebalance runs twice
-            self.dead_letters = KafkaDeadLetterStore(bootstrap, **self.settings.dead_letter_store_options())
+            store_client_options = dict(client_options)
+            store_options = self.settings.dead_letter_store_options()
+            if "request_timeout_ms" in store_client_options:  # the store takes it as its own argument
+                store_options["request_timeout_ms"] = store_client_options.pop("request_timeout_ms")
+            self.dead_letters = KafkaDeadLetterStore(
+                bootstrap, client_options=store_client_options, **store_options
+            )
         self.layers = [
             ReliabilityLayer(client, self.settings, dead_letter_store=self.dead_letters)
             for _ in range(consumers)
@@ -825,7 +864,7 @@ class _KafkaRun:
                 poll_timeout_ms=100,
                 revoke_timeout=2.0,
                 shutdown_timeout=10.0,
-                consumer_options=consumer_options,
+                consumer_options={**consumer_options, **client_options},
                 redis_client=client,
             )
             for i, layer in enumerate(self.layers)
@@ -842,7 +881,7 @@ class _KafkaRun:
         from aiokafka import AIOKafkaConsumer, TopicPartition
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.client_options)
         await admin.start()
         try:
             if self.topic not in await admin.list_topics():
@@ -850,7 +889,10 @@ class _KafkaRun:
         finally:
             await admin.close()
         reader = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=self.group, enable_auto_commit=False
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group,
+            enable_auto_commit=False,
+            **self.client_options,
         )
         await reader.start()
         try:
@@ -895,17 +937,17 @@ class _KafkaRun:
 
         from ._runners._kafka import TopicProducer
 
-        client = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False, acks="all")
+        client = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, enable_idempotence=False, acks="all", **self.client_options
+        )
         await client.start()
         try:
             producer = TopicProducer(client, self.topic, service_name=self.config.service_name)
-            workload, report, outage = (
-                _Workload(self.config, self.report),
-                self.report,
-                _outage_window(self.config),
-            )
+            workload, report = _Workload(self.config, self.report), self.report
+            threshold = self.settings.circuit_breaker_threshold
+            outage = _Outage(self.config, self.broker, threshold * len(self.layers))
             while not self.stop.is_set() and (message := workload.next_message()) is not None:
-                self.broker.outage = report.produced in outage
+                outage.update(report.produced)
                 message_id = message.get("id")
                 key = message["data"]["symbol"] if message_id is not None else None
                 await producer.send(message, message_id=message_id, key=key)
@@ -980,6 +1022,7 @@ async def run_kafka_demo(
     partitions: int = 3,
     key_prefix: str = "streamwarden",
     consumer_options: dict[str, Any] | None = None,
+    client_options: Mapping[str, Any] | None = None,
     on_progress: Callable[[DemoReport, int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> DemoReport:
@@ -990,6 +1033,10 @@ async def run_kafka_demo(
     as in :func:`run_redis_demo`; without it one member runs on the embedded stores and dead letters go
     to the ``{topic}.dlq`` topic, purged first. The group's offsets are moved to the topic's end before
     the run, so earlier runs' records are not read. Run one Kafka demo at a time per topic.
+
+    ``client_options`` are aiokafka keyword arguments for every client of the run (``security_protocol``,
+    ``ssl_context``, ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``,
+    ``request_timeout_ms``); ``consumer_options`` only for the runners' consumers.
     """
     run = _KafkaRun(
         config,
@@ -1000,6 +1047,7 @@ async def run_kafka_demo(
         partitions=partitions,
         key_prefix=key_prefix,
         consumer_options=dict(consumer_options or KAFKA_DEMO_CONSUMER_OPTIONS),
+        client_options=client_options or {},
         stop=stop or asyncio.Event(),
         on_progress=on_progress,
     )

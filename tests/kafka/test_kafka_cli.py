@@ -172,8 +172,26 @@ async def test_consume_kafka_topic_with_redis_stores(
             ["--kafka-bootstrap", "127.0.0.1:9", "--topic", "t", "--dlq", "redis"],
             "--dlq redis needs --redis-url",
         ),
+        (["--stream", "s", "--retry-delays", "5"], "Kafka (--kafka-bootstrap) only"),
+        (["--kafka-bootstrap", "127.0.0.1:9", "--topic", "t", "--retry-delays", "5,0"], "above 0"),
+        (["--kafka-bootstrap", "127.0.0.1:9", "--topic", "t", "--retry-delays", "5,soon"], "not a number"),
+        (
+            ["--kafka-bootstrap", "127.0.0.1:9", "--topic", "t", "--retry-delays", ",".join("1" * 11)],
+            "at most 10",
+        ),
     ],
-    ids=["no-topic", "both", "redis-option", "kafka-option", "topic-alone", "dlq-redis-without-redis"],
+    ids=[
+        "no-topic",
+        "both",
+        "redis-option",
+        "kafka-option",
+        "topic-alone",
+        "dlq-redis-without-redis",
+        "retry-delays-on-redis",
+        "retry-delay-zero",
+        "retry-delay-not-a-number",
+        "too-many-retry-delays",
+    ],
 )
 def test_usage_errors(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mixing the two transports' options is a one-line usage error."""

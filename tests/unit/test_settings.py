@@ -211,3 +211,29 @@ def test_misspelt_environment_variable_is_reported(
     assert settings.max_retries == 3
     messages = [r.getMessage() for r in caplog.records]
     assert any("STREAMWARDEN_MAX_RETRY" in m and "STREAMWARDEN_MAX_RETRIES" in m for m in messages)
+
+
+def test_every_environment_variable_of_the_command_line_is_known() -> None:
+    """A ``STREAMWARDEN_*`` variable a CLI option reads is a setting or listed as a non-setting, so
+    setting it does not log "not a streamwarden setting"."""
+    import click
+
+    from streamwarden._cli import main
+    from streamwarden._settings import NON_SETTINGS_VARIABLES, ReliabilitySettings
+
+    known = {
+        f"STREAMWARDEN_{name.upper()}" for name in ReliabilitySettings.model_fields
+    } | NON_SETTINGS_VARIABLES
+    named: set[str] = set()
+
+    def walk(command: click.Command) -> None:
+        for param in command.params:
+            envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+            named.update(v for v in envvars if isinstance(v, str) and v.startswith("STREAMWARDEN_"))
+        if isinstance(command, click.Group):
+            for sub in command.commands.values():
+                walk(sub)
+
+    walk(main)
+    assert named  # the walk found the options
+    assert named <= known, sorted(named - known)

@@ -5,6 +5,9 @@
   not ``async``.
 * :func:`redis_options` / :class:`RedisTarget` — the connection options of every command that talks
   to Redis, with their ``STREAMWARDEN_REDIS_*`` fallbacks, and the one way to connect.
+* :func:`kafka_connection_options` / :class:`KafkaConnection` — the TLS, SASL and timeout options of
+  every command that talks to Kafka, with their ``STREAMWARDEN_KAFKA_*`` fallbacks, turned into aiokafka
+  keyword arguments; the SASL password only from a variable or a file, never printed.
 * :func:`redact_url` / :class:`Secrets` — URLs are printed and logged only with their credentials
   replaced; every known secret is scrubbed from errors and log lines.
 * :class:`GuardedCommand` / :class:`GuardedGroup` / :class:`RootGroup` — the error boundary: an expected
@@ -38,6 +41,8 @@ import click
 from rich.console import Console
 
 if TYPE_CHECKING:
+    import ssl
+
     import pydantic
     import redis.asyncio
 
@@ -45,12 +50,15 @@ __all__ = [
     "CliError",
     "GuardedCommand",
     "GuardedGroup",
+    "KafkaClientOptions",
+    "KafkaConnection",
     "RedisTarget",
     "RootGroup",
     "Secrets",
     "configure_logging",
     "finite_float",
     "json_text",
+    "kafka_connection_options",
     "listening",
     "load_handler",
     "log_level_option",
@@ -128,7 +136,7 @@ class Secrets:
         """
         if not value:
             return
-        for form in (value, quote(value, safe=""), quote(value), unquote(value)):
+        for form in (value, quote(value, safe=""), quote(value), unquote(value), *_escaped_forms(value)):
             if len(form) >= MIN_SECRET:
                 self._values.add(form)
 
@@ -138,6 +146,16 @@ class Secrets:
         for value in sorted(self._values, key=len, reverse=True):
             text = text.replace(value, "***")
         return text
+
+
+def _escaped_forms(value: str) -> tuple[str, ...]:
+    """``value`` as it appears inside the ``repr()`` of a str or of its UTF-8 bytes, with ``'`` escaped
+    and not (the quotes a repr picks depend on the whole string): aiokafka logs its SASL PLAIN
+    request at DEBUG as ``sasl_auth_bytes=b'user\\x00user\\x00password'``."""
+    forms = []
+    for text in (repr(value + '"')[1:-2], repr(value.encode("utf-8", "surrogatepass") + b'"')[2:-2]):
+        forms += [text, text.replace("\\'", "'")]
+    return tuple(forms)
 
 
 def _split_credentials(rest: str) -> tuple[str | None, str]:
@@ -248,6 +266,8 @@ class _Invocation:
     debug: bool = False
     secrets: Secrets = field(default_factory=Secrets)
     redis_display: str | None = None
+    kafka_security: str | None = None  # how Kafka is reached, when not PLAINTEXT (for error lines)
+    kafka_refusal: str | None = None  # the last connection failure aiokafka logged
 
 
 _INVOCATION: contextvars.ContextVar[_Invocation | None] = contextvars.ContextVar(
@@ -300,24 +320,14 @@ def explain(exc: BaseException) -> list[str] | None:
     if isinstance(exc, redis.exceptions.RedisError):
         return [f"Redis error at {_redis_where()}: {exc or type(exc).__name__}"]
     if isinstance(exc, StreamwardenError | ValueError):
-        return [str(exc) or type(exc).__name__]
+        # e.g. a DeadLetterError chained to aiokafka's connection error: say why it could not connect
+        return [(str(exc) or type(exc).__name__) + _kafka_connection_hint(exc)]
     kafka = _kafka_problem(exc)
     if kafka is not None:
         return [kafka]
     if isinstance(exc, OSError):
         return [str(exc) or type(exc).__name__]
     return None
-
-
-def _kafka_problem(exc: BaseException) -> str | None:
-    """A one-line explanation of an aiokafka error (only if aiokafka was imported: it is optional)."""
-    errors = sys.modules.get("aiokafka.errors")
-    if errors is None or not isinstance(exc, errors.KafkaError):
-        return None
-    detail = one_line(str(exc)) or type(exc).__name__
-    if isinstance(exc, errors.KafkaConnectionError | errors.KafkaTimeoutError):
-        return f"cannot reach Kafka: {detail}"
-    return f"Kafka error: {type(exc).__name__}: {detail}"
 
 
 @contextlib.contextmanager
@@ -759,6 +769,433 @@ def _target(
         tls_ca_file=tls_ca_file,
         key_prefix=key_prefix,
     )
+
+
+# --- Kafka connection options ------------------------------------------------------------------------
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+KAFKA_SASL_PASSWORD_VARIABLE = "STREAMWARDEN_KAFKA_SASL_PASSWORD"
+"""The only variable the SASL password is read from (``--kafka-sasl-password-file`` names a file): a
+password flag would show in process listings."""
+
+# aiokafka keyword arguments whose values are secrets
+_KAFKA_SECRET_KEYS = frozenset({"sasl_plain_password"})
+_KAFKA_OPTIONS = (
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password_file",
+    "kafka_ssl_cafile",
+    "kafka_ssl_certfile",
+    "kafka_ssl_keyfile",
+    "kafka_request_timeout_ms",
+)
+_KAFKA_SASL_OPTIONS = ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password_file")
+_KAFKA_SSL_OPTIONS = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+_MAX_REFUSAL_CHARS = 300
+
+
+class _UpperChoice(click.Choice):  # type: ignore[type-arg,unused-ignore]
+    """A choice of upper-case names that also takes them in lower case (help lists them as written)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return super().convert(value.upper() if isinstance(value, str) else value, param, ctx)
+
+
+class KafkaClientOptions(dict[str, Any]):
+    """aiokafka keyword arguments (``AIOKafkaConsumer(**options)``) whose ``repr()`` and ``str()`` show
+    ``'***'`` for the password. A copy (``dict(options)``, ``{**options}``) is a plain dict again."""
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if k in _KAFKA_SECRET_KEYS and v else v) for k, v in self.items()}
+        return f"{type(self).__name__}({shown!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class KafkaConnection:
+    """How a command reaches Kafka besides ``--kafka-bootstrap``: TLS, SASL, the request timeout (see
+    :func:`kafka_connection_options`). ``repr()`` never shows the password."""
+
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
+    request_timeout_ms: int | None = None
+
+    def __repr__(self) -> str:
+        shown = [f"security_protocol={self.security_protocol!r}"]
+        for name in (
+            "sasl_mechanism",
+            "sasl_username",
+            "ssl_cafile",
+            "ssl_certfile",
+            "ssl_keyfile",
+            "request_timeout_ms",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                shown.append(f"{name}={value!r}")
+        if self.sasl_password is not None:
+            shown.append("sasl_password='***'")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def describe(self) -> str:
+        """How Kafka is reached, for messages (no secret): ``SASL_SSL, SCRAM-SHA-512 as 'svc'``."""
+        if self.sasl_mechanism is None:
+            return self.security_protocol
+        return f"{self.security_protocol}, {self.sasl_mechanism} as {self.sasl_username!r}"
+
+    def client_options(self, **extra: Any) -> KafkaClientOptions:
+        """``extra`` and this connection's aiokafka keyword arguments: ``security_protocol``; with SASL
+        ``sasl_mechanism``, ``sasl_plain_username`` and ``sasl_plain_password``; with TLS ``ssl_context``;
+        ``request_timeout_ms`` when it was given."""
+        options = KafkaClientOptions(extra)
+        options["security_protocol"] = self.security_protocol
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = self.sasl_password
+        if self.ssl_context is not None:
+            options["ssl_context"] = self.ssl_context
+        if self.request_timeout_ms is not None:
+            options["request_timeout_ms"] = self.request_timeout_ms
+        return options
+
+    def store_options(self) -> dict[str, Any]:
+        """Keyword arguments of a ``KafkaDeadLetterStore``: ``client_options`` for all its clients, and
+        ``request_timeout_ms`` when it was given (the store takes that one as its own argument)."""
+        client_options = self.client_options()
+        options: dict[str, Any] = {"client_options": client_options}
+        timeout = client_options.pop("request_timeout_ms", None)
+        if timeout is not None:
+            options["request_timeout_ms"] = timeout
+        return options
+
+
+def kafka_connection_options(func: F) -> F:
+    """The TLS, SASL and timeout options of a command that talks to Kafka; the command gets
+    ``kafka_connection`` (:class:`KafkaConnection`; the default PLAINTEXT one without Kafka).
+
+    The command must have a ``kafka_bootstrap`` parameter: these options need it. Each has a
+    ``STREAMWARDEN_{NAME}`` variable (``--kafka-ssl-cafile``: ``STREAMWARDEN_KAFKA_SSL_CAFILE``); the
+    SASL password comes only from :data:`KAFKA_SASL_PASSWORD_VARIABLE` or ``--kafka-sasl-password-file``.
+    Combinations that cannot work are one-line usage errors; the TLS context is built (and its files
+    read) before the command runs.
+    """
+    options = [
+        click.option(
+            "--kafka-security-protocol",
+            envvar="STREAMWARDEN_KAFKA_SECURITY_PROTOCOL",
+            type=_UpperChoice(KAFKA_SECURITY_PROTOCOLS),
+            default="PLAINTEXT",
+            show_default=True,
+            help="How to reach Kafka: SSL is TLS; SASL_PLAINTEXT and SASL_SSL log in with "
+            "--kafka-sasl-mechanism (env STREAMWARDEN_KAFKA_SECURITY_PROTOCOL).",
+        ),
+        click.option(
+            "--kafka-sasl-mechanism",
+            envvar="STREAMWARDEN_KAFKA_SASL_MECHANISM",
+            type=_UpperChoice(KAFKA_SASL_MECHANISMS),
+            default=None,
+            help="SASL mechanism, with a SASL_* protocol (default PLAIN; env "
+            "STREAMWARDEN_KAFKA_SASL_MECHANISM).",
+        ),
+        click.option(
+            "--kafka-sasl-username",
+            envvar="STREAMWARDEN_KAFKA_SASL_USERNAME",
+            default=None,
+            callback=non_empty,
+            help="SASL user (env STREAMWARDEN_KAFKA_SASL_USERNAME).",
+        ),
+        click.option(
+            "--kafka-sasl-password-file",
+            envvar="STREAMWARDEN_KAFKA_SASL_PASSWORD_FILE",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help=f"File holding the SASL password (a trailing newline is dropped), or set "
+            f"{KAFKA_SASL_PASSWORD_VARIABLE}. There is no password flag: it would show in process "
+            "listings.",
+        ),
+        click.option(
+            "--kafka-ssl-cafile",
+            envvar="STREAMWARDEN_KAFKA_SSL_CAFILE",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="CA bundle (PEM) that must have signed the brokers' certificates (default: the "
+            "system's CAs; SSL and SASL_SSL; env STREAMWARDEN_KAFKA_SSL_CAFILE).",
+        ),
+        click.option(
+            "--kafka-ssl-certfile",
+            envvar="STREAMWARDEN_KAFKA_SSL_CERTFILE",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Client certificate (PEM) for mutual TLS; may hold the key too (env "
+            "STREAMWARDEN_KAFKA_SSL_CERTFILE).",
+        ),
+        click.option(
+            "--kafka-ssl-keyfile",
+            envvar="STREAMWARDEN_KAFKA_SSL_KEYFILE",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Private key (PEM, not encrypted) of --kafka-ssl-certfile (env "
+            "STREAMWARDEN_KAFKA_SSL_KEYFILE).",
+        ),
+        click.option(
+            "--kafka-request-timeout-ms",
+            envvar="STREAMWARDEN_KAFKA_REQUEST_TIMEOUT_MS",
+            type=click.IntRange(100, 3_600_000),
+            default=None,
+            help="Bound of each Kafka request, connecting included (default: each client's own; env "
+            "STREAMWARDEN_KAFKA_REQUEST_TIMEOUT_MS). For consume keep it above --session-timeout-ms: a "
+            "JoinGroup request may wait that long.",
+        ),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in _KAFKA_OPTIONS}
+        kwargs["kafka_connection"] = _kafka_connection(kwargs["kafka_bootstrap"] is not None, **values)
+        return func(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper  # type: ignore[return-value]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _source(ctx: click.Context, name: str) -> str | None:
+    """Where option ``name`` came from, as the user wrote it (its flag or its variable); ``None``: not given."""
+    source = ctx.get_parameter_source(name)
+    if source is click.core.ParameterSource.COMMANDLINE:
+        return _flag(name)
+    if source is click.core.ParameterSource.ENVIRONMENT:
+        return f"STREAMWARDEN_{name.upper()}"
+    return None
+
+
+def _kafka_connection(
+    kafka: bool,
+    *,
+    kafka_security_protocol: str,
+    kafka_sasl_mechanism: str | None,
+    kafka_sasl_username: str | None,
+    kafka_sasl_password_file: str | None,
+    kafka_ssl_cafile: str | None,
+    kafka_ssl_certfile: str | None,
+    kafka_ssl_keyfile: str | None,
+    kafka_request_timeout_ms: int | None,
+) -> KafkaConnection:
+    ctx = click.get_current_context()
+    state = invocation()
+    env_password = os.environ.get(KAFKA_SASL_PASSWORD_VARIABLE) or None
+    state.secrets.add(env_password)  # scrubbed from every line, whatever happens next
+    if not kafka:
+        # like the Redis options: only a flag given here is an error (variables may serve other commands)
+        for name in _KAFKA_OPTIONS:
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError(f"{_flag(name)} needs --kafka-bootstrap", ctx=ctx)
+        return KafkaConnection()
+    protocol = kafka_security_protocol
+    sasl = protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+    tls = protocol in ("SSL", "SASL_SSL")
+    if not sasl:
+        given = [s for s in (_source(ctx, n) for n in _KAFKA_SASL_OPTIONS) if s is not None]
+        if env_password is not None:
+            given.append(KAFKA_SASL_PASSWORD_VARIABLE)
+        if given:
+            raise click.UsageError(
+                f"{given[0]} needs --kafka-security-protocol SASL_PLAINTEXT or SASL_SSL (it is {protocol})",
+                ctx=ctx,
+            )
+    if not tls:
+        given = [s for s in (_source(ctx, n) for n in _KAFKA_SSL_OPTIONS) if s is not None]
+        if given:
+            raise click.UsageError(
+                f"{given[0]} needs --kafka-security-protocol SSL or SASL_SSL (it is {protocol})", ctx=ctx
+            )
+    if kafka_ssl_keyfile is not None and kafka_ssl_certfile is None:
+        raise click.UsageError("--kafka-ssl-keyfile needs --kafka-ssl-certfile", ctx=ctx)
+    mechanism = password = None
+    if sasl:
+        mechanism = kafka_sasl_mechanism or "PLAIN"
+        if kafka_sasl_username is None:
+            raise click.UsageError(
+                f"--kafka-security-protocol {protocol} needs --kafka-sasl-username "
+                "(or STREAMWARDEN_KAFKA_SASL_USERNAME)",
+                ctx=ctx,
+            )
+        if env_password is not None and kafka_sasl_password_file is not None:
+            raise click.UsageError(
+                f"give the SASL password once: {KAFKA_SASL_PASSWORD_VARIABLE} or "
+                "--kafka-sasl-password-file, not both",
+                ctx=ctx,
+            )
+        if kafka_sasl_password_file is not None:
+            password = _read_password(kafka_sasl_password_file)
+        else:
+            password = env_password
+        if password is None:
+            raise click.UsageError(
+                f"--kafka-security-protocol {protocol} needs the SASL password: set "
+                f"{KAFKA_SASL_PASSWORD_VARIABLE} or give --kafka-sasl-password-file",
+                ctx=ctx,
+            )
+        state.secrets.add(password)
+    connection = KafkaConnection(
+        security_protocol=protocol,
+        sasl_mechanism=mechanism,
+        sasl_username=kafka_sasl_username if sasl else None,
+        sasl_password=password,
+        ssl_cafile=kafka_ssl_cafile,
+        ssl_certfile=kafka_ssl_certfile,
+        ssl_keyfile=kafka_ssl_keyfile,
+        ssl_context=_ssl_context(kafka_ssl_cafile, kafka_ssl_certfile, kafka_ssl_keyfile) if tls else None,
+        request_timeout_ms=kafka_request_timeout_ms,
+    )
+    if protocol != "PLAINTEXT":
+        state.kafka_security = connection.describe()
+    _record_kafka_refusals(ctx, state)
+    return connection
+
+
+def _read_password(path: str) -> str:
+    """The password in ``path``: its text without the trailing newline; never part of an error."""
+    hint = "--kafka-sasl-password-file"
+    try:
+        with open(path, "rb") as file:
+            data = file.read(65_537)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path!r}: {exc.strerror or type(exc).__name__}", param_hint=hint
+        ) from None
+    if len(data) > 65_536:
+        raise click.BadParameter(f"{path!r} is larger than 64 KiB: not a password file", param_hint=hint)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path!r} is not UTF-8 text", param_hint=hint) from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise click.BadParameter(f"{path!r} is empty", param_hint=hint)
+    if "\n" in password or "\r" in password:
+        raise click.BadParameter(f"{path!r} holds more than one line", param_hint=hint)
+    return password
+
+
+class _EncryptedKeyError(Exception):
+    """The private key needs a passphrase (OpenSSL would otherwise prompt for one on the terminal)."""
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKeyError
+
+
+def _ssl_context(cafile: str | None, certfile: str | None, keyfile: str | None) -> ssl.SSLContext:
+    """aiokafka's TLS context (certificates and host names verified) with the CA and client files loaded;
+    a file that does not load is a one-line usage error naming its option."""
+    try:
+        from aiokafka.helpers import (  # type: ignore[import-untyped,unused-ignore]
+            create_ssl_context,
+        )
+    except ImportError as exc:
+        raise CliError(f"Kafka needs aiokafka ({exc}): pip install 'streamwarden[kafka]'") from exc
+    import ssl
+
+    try:
+        context: ssl.SSLContext = create_ssl_context(cafile=cafile)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise click.BadParameter(
+            f"cannot load {cafile!r}: {one_line(str(exc))}", param_hint="--kafka-ssl-cafile"
+        ) from None
+    if certfile is not None:
+        try:
+            context.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+        except _EncryptedKeyError:
+            raise click.BadParameter(
+                f"{keyfile or certfile!r} holds an encrypted private key: give it unencrypted "
+                "(openssl pkey -in KEY -out PLAIN_KEY)",
+                param_hint="--kafka-ssl-keyfile" if keyfile else "--kafka-ssl-certfile",
+            ) from None
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            files = f"{certfile!r} and {keyfile!r}" if keyfile else repr(certfile)
+            raise click.BadParameter(
+                f"cannot load the client certificate from {files}: {one_line(str(exc))}",
+                param_hint="--kafka-ssl-certfile",
+            ) from None
+    return context
+
+
+class _KafkaRefusals(logging.Handler):
+    """Keeps the last connection failure aiokafka logs: its exceptions only say ``Unable to bootstrap``,
+    the reason (a refused SASL mechanism, a TLS error) is in its log."""
+
+    def __init__(self, state: _Invocation) -> None:
+        super().__init__(logging.ERROR)
+        self._state = state
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        if not message.startswith("Unable connect to"):
+            return
+        error = record.args[-1] if isinstance(record.args, tuple) and record.args else None
+        if isinstance(error, BaseException) and not str(error):  # a timeout says nothing by itself
+            message = f"{message.rstrip()} {type(error).__name__}"
+        self._state.kafka_refusal = message
+
+
+def _record_kafka_refusals(ctx: click.Context, state: _Invocation) -> None:
+    handler = _KafkaRefusals(state)
+    logger = logging.getLogger("aiokafka")
+    logger.addHandler(handler)
+    ctx.call_on_close(lambda: logger.removeHandler(handler))
+
+
+def _kafka_connection_hint(exc: BaseException) -> str:
+    """`` (security ...; last connection failure: ...)`` when ``exc`` or its causes hold a Kafka (or a
+    deadline) error and there is something to say; else ``""``."""
+    errors = sys.modules.get("aiokafka.errors")
+    kinds: tuple[type[BaseException], ...] = (TimeoutError,)
+    if errors is not None:
+        kinds = (TimeoutError, errors.KafkaError)
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, kinds):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if cause is None or not isinstance(cause, kinds):
+        return ""
+    state = invocation()
+    parts = []
+    if state.kafka_security is not None:
+        parts.append(f"security {state.kafka_security}")
+    if state.kafka_refusal is not None:
+        refusal = one_line(state.kafka_refusal)
+        if len(refusal) > _MAX_REFUSAL_CHARS:
+            refusal = refusal[: _MAX_REFUSAL_CHARS - 3] + "..."
+        parts.append(f"last connection failure: {refusal}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _kafka_problem(exc: BaseException) -> str | None:
+    """A one-line explanation of an aiokafka error (only if aiokafka was imported: it is optional)."""
+    errors = sys.modules.get("aiokafka.errors")
+    if errors is None or not isinstance(exc, errors.KafkaError):
+        return None
+    detail = one_line(str(exc)) or type(exc).__name__
+    hint = _kafka_connection_hint(exc)
+    if isinstance(exc, errors.KafkaConnectionError | errors.KafkaTimeoutError):
+        return f"cannot reach Kafka: {detail}{hint}"
+    return f"Kafka error: {type(exc).__name__}: {detail}{hint}"
 
 
 # --- logging -----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ without it the dedup store is the embedded one, which only one process can see.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -23,8 +24,10 @@ from ._common import (
     PORT,
     CliError,
     GuardedCommand,
+    KafkaConnection,
     RedisTarget,
     finite_float,
+    kafka_connection_options,
     listening,
     load_handler,
     log_level_option,
@@ -50,6 +53,7 @@ _KAFKA_ONLY = (
     "revoke_timeout",
     "session_timeout_ms",
     "max_poll_interval_ms",
+    "retry_delays",
 )
 
 
@@ -89,9 +93,32 @@ class _KafkaOptions:
     revoke_timeout: float
     shutdown_timeout: float
     consumer_options: dict[str, Any]
+    retry_delays: tuple[float, ...] = ()
 
     def kwargs(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def _parse_retry_delays(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...]:
+    """``5,30,300`` as seconds: at most 10, each finite, above 0 and at most a week."""
+    if value is None:
+        return ()
+    delays: list[float] = []
+    for part in value.split(","):
+        try:
+            delay = float(part.strip())
+        except ValueError:
+            raise click.BadParameter(
+                f"{part.strip()!r} is not a number of seconds", ctx=ctx, param=param
+            ) from None
+        if not math.isfinite(delay) or not 0 < delay <= 7 * 24 * 3600:
+            raise click.BadParameter(
+                f"each delay must be above 0 and at most 604800 s, got {part.strip()!r}", ctx=ctx, param=param
+            )
+        delays.append(delay)
+    if len(delays) > 10:
+        raise click.BadParameter(f"at most 10 retry topics, got {len(delays)} delays", ctx=ctx, param=param)
+    return tuple(delays)
 
 
 @click.command(cls=GuardedCommand)
@@ -112,6 +139,7 @@ class _KafkaOptions:
     callback=non_empty,
     help="Kafka topic to consume (env STREAMWARDEN_KAFKA_TOPIC).",
 )
+@kafka_connection_options
 @click.option("--group", required=True, callback=non_empty, help="Consumer group (created if missing).")
 @click.option(
     "--consumer",
@@ -215,6 +243,15 @@ class _KafkaOptions:
     help="Kafka: the member leaves the group when it polls less often (raise it for slow handlers).",
 )
 @click.option(
+    "--retry-delays",
+    default=None,
+    callback=_parse_retry_delays,
+    metavar="S[,S...]",
+    help="Kafka: retry topics TOPIC.retry.0, .1, ... with these delays in seconds (e.g. 5,30,300): a "
+    "message whose retries ran out waits there instead of holding its partition (implies "
+    "STREAMWARDEN_EXHAUSTED_TRANSIENT_ACTION=defer; STREAMWARDEN_POISON_MAX_DELIVERIES ends the cycle).",
+)
+@click.option(
     "--shutdown-timeout",
     default=30.0,
     show_default=True,
@@ -245,6 +282,7 @@ def consume(
     stream: str | None,
     kafka_bootstrap: str | None,
     topic: str | None,
+    kafka_connection: KafkaConnection,
     group: str,
     consumer: str | None,
     handler_spec: str,
@@ -261,6 +299,7 @@ def consume(
     revoke_timeout: float,
     session_timeout_ms: int,
     max_poll_interval_ms: int,
+    retry_delays: tuple[float, ...],
     shutdown_timeout: float,
     health_port: int | None,
     health_host: str,
@@ -287,6 +326,8 @@ def consume(
         raise click.UsageError("--dlq redis needs --redis-url (or STREAMWARDEN_REDIS_URL)", ctx=ctx)
     handler = load_handler(handler_spec)
     overrides: dict[str, Any] = {"key_prefix": redis_target.key_prefix, "consumer_group": group}
+    if retry_delays:
+        overrides["exhausted_transient_action"] = "defer"  # what retry topics are for
     if flush_every is not None:
         # the runner flushes the counters every metrics_flush_interval (and once more when it stops)
         overrides["metrics_flush_interval"] = flush_every
@@ -313,14 +354,17 @@ def consume(
             start_from=start_from,
             revoke_timeout=revoke_timeout,
             shutdown_timeout=shutdown_timeout,
-            consumer_options={
-                "session_timeout_ms": session_timeout_ms,
-                "heartbeat_interval_ms": max(100, min(3000, session_timeout_ms // 3)),
-                "max_poll_interval_ms": max_poll_interval_ms,
-            },
+            retry_delays=retry_delays,
+            consumer_options=kafka_connection.client_options(
+                session_timeout_ms=session_timeout_ms,
+                heartbeat_interval_ms=max(100, min(3000, session_timeout_ms // 3)),
+                max_poll_interval_ms=max_poll_interval_ms,
+            ),
         )
         target = redis_target if use_redis else None
-        asyncio.run(_consume_kafka(target, settings, handler, kafka_options, health, dead_letters))
+        asyncio.run(
+            _consume_kafka(target, settings, handler, kafka_options, health, dead_letters, kafka_connection)
+        )
         return
     assert stream is not None  # _check_transport
     options = _RunnerOptions(
@@ -417,6 +461,7 @@ async def _consume_kafka(
     options: _KafkaOptions,
     health_at: tuple[str, int] | None,
     dead_letters: str,
+    connection: KafkaConnection,
 ) -> None:
     try:
         from .._runners._kafka import KafkaConsumerRunner
@@ -439,7 +484,11 @@ async def _consume_kafka(
         if dead_letters == "kafka":
             from .._kafka import KafkaDeadLetterStore
 
-            store = KafkaDeadLetterStore(options.bootstrap_servers, **settings.dead_letter_store_options())
+            store = KafkaDeadLetterStore(
+                options.bootstrap_servers,
+                **connection.store_options(),
+                **settings.dead_letter_store_options(),
+            )
         layer = ReliabilityLayer(client, settings, dead_letter_store=store)
         for warning in await layer.verify_stores():
             console.print(f"[yellow]warning:[/yellow] {warning}")

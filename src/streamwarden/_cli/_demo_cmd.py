@@ -32,8 +32,10 @@ from ._common import (
     PORT,
     CliError,
     GuardedCommand,
+    KafkaConnection,
     RedisTarget,
     finite_float,
+    kafka_connection_options,
     listening,
     log_level_option,
     make_console,
@@ -164,6 +166,7 @@ def _check_combinations(ctx: click.Context, live: bool, redis: bool, kafka: bool
     callback=non_empty,
     help="The Kafka demo's topic (with --kafka-bootstrap).",
 )
+@kafka_connection_options
 @log_level_option("WARNING")
 @click.pass_context
 def demo(
@@ -186,6 +189,7 @@ def demo(
     consumers: int,
     kafka_bootstrap: str | None,
     topic: str,
+    kafka_connection: KafkaConnection,
 ) -> None:
     """Push a trading-signal stream with duplicates, faults, an outage and poison through the layer.
 
@@ -215,7 +219,16 @@ def demo(
     console = make_console(stderr=as_json)
     if kafka_bootstrap is not None:
         report = asyncio.run(
-            _run_kafka(config, console, kafka_bootstrap, topic, redis_target, consumers, quiet=as_json)
+            _run_kafka(
+                config,
+                console,
+                kafka_bootstrap,
+                topic,
+                redis_target,
+                consumers,
+                kafka_connection,
+                quiet=as_json,
+            )
         )
     elif redis_target is not None:
         report = asyncio.run(_run_redis(config, console, redis_target, consumers, quiet=as_json))
@@ -309,6 +322,7 @@ async def _run_kafka(
     topic: str,
     target: RedisTarget | None,
     consumers: int,
+    connection: KafkaConnection,
     *,
     quiet: bool,
 ) -> DemoReport:
@@ -332,6 +346,7 @@ async def _run_kafka(
                 client=client,
                 consumers=consumers,
                 key_prefix=target.key_prefix if target is not None else "streamwarden",
+                client_options=connection.client_options(),
                 stop=stop,
                 on_progress=lambda r, _backlog: progress.update(task, completed=r.produced),
             )

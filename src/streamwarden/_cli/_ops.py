@@ -8,9 +8,10 @@ with one ``error:`` line (see :class:`~._common.GuardedCommand`).
 The ``dlq`` commands work on either dead-letter store through one code path (they take a
 :class:`~streamwarden.DeadLetterStore`): the Redis Streams store by default, the Kafka store with
 ``--kafka-bootstrap`` (env ``STREAMWARDEN_KAFKA_BOOTSTRAP``; ``--dlq-topic`` names the DLQ topic when it
-is not ``{topic}.dlq``). ``--topic`` is another name of ``--destination``. ``replay`` on Kafka still uses
-Redis (``--redis-url``) for the dedup records, as the Kafka consumer does. aiokafka is imported only
-when ``--kafka-bootstrap`` is given.
+is not ``{topic}.dlq``; TLS and SASL through the shared options of
+:func:`~._common.kafka_connection_options`). ``--topic`` is another name of ``--destination``. ``replay``
+on Kafka still uses Redis (``--redis-url``) for the dedup records, as the Kafka consumer does. aiokafka
+is imported only when ``--kafka-bootstrap`` is given.
 
 Tables and progress bars use rich; colour follows the terminal: none when output is not a TTY or when
 ``NO_COLOR`` is set. ``--json`` prints machine-readable output instead (valid UTF-8 even for ids that
@@ -51,9 +52,11 @@ from ._common import (
     CliError,
     GuardedCommand,
     GuardedGroup,
+    KafkaConnection,
     RedisTarget,
     finite_float,
     json_text,
+    kafka_connection_options,
     load_handler,
     log_level_option,
     make_console,
@@ -213,10 +216,12 @@ def dlq() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class KafkaDlqTarget:
-    """Where the Kafka dead letters are (``--kafka-bootstrap``, ``--dlq-topic``)."""
+    """Where the Kafka dead letters are (``--kafka-bootstrap``, ``--dlq-topic``) and how to reach them
+    (TLS, SASL: ``--kafka-security-protocol`` and friends; its repr hides the password)."""
 
     bootstrap: str
     dlq_topic: str | None = None
+    connection: KafkaConnection = dataclasses.field(default_factory=KafkaConnection)
 
     def store(self) -> KafkaDeadLetterStore:
         """A :class:`~streamwarden.kafka.KafkaDeadLetterStore`: every DLQ topic of the cluster, or only
@@ -227,20 +232,21 @@ class KafkaDlqTarget:
             raise CliError(
                 f"--kafka-bootstrap needs aiokafka ({exc}): pip install 'streamwarden[kafka]'"
             ) from exc
-        if self.dlq_topic is None:
-            return KafkaDeadLetterStore(self.bootstrap, client_id="streamwarden-cli")
-        topic = self.dlq_topic
-        return KafkaDeadLetterStore(
-            self.bootstrap, topic_for=lambda _destination: topic, topics=[topic], client_id="streamwarden-cli"
-        )
+        options = self.connection.store_options()
+        if self.dlq_topic is not None:
+            topic = self.dlq_topic
+            options.update(topic_for=lambda _destination: topic, topics=[topic])
+        return KafkaDeadLetterStore(self.bootstrap, client_id="streamwarden-cli", **options)
 
 
-def _kafka_target(ctx: click.Context, bootstrap: str | None, dlq_topic: str | None) -> KafkaDlqTarget | None:
+def _kafka_target(
+    ctx: click.Context, bootstrap: str | None, dlq_topic: str | None, connection: KafkaConnection
+) -> KafkaDlqTarget | None:
     if bootstrap is None:
         if dlq_topic is not None:
             raise click.UsageError("--dlq-topic needs --kafka-bootstrap", ctx=ctx)
         return None
-    return KafkaDlqTarget(bootstrap=bootstrap, dlq_topic=dlq_topic)
+    return KafkaDlqTarget(bootstrap=bootstrap, dlq_topic=dlq_topic, connection=connection)
 
 
 def _dlq_topic(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -254,8 +260,9 @@ def _dlq_topic(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 def kafka_options(func: F) -> F:
-    """``--kafka-bootstrap`` (env ``STREAMWARDEN_KAFKA_BOOTSTRAP``) and ``--dlq-topic`` (env
-    ``STREAMWARDEN_KAFKA_DLQ_TOPIC``); the command gets ``kafka_target`` (``None``: the Redis store)."""
+    """``--kafka-bootstrap`` (env ``STREAMWARDEN_KAFKA_BOOTSTRAP``), ``--dlq-topic`` (env
+    ``STREAMWARDEN_KAFKA_DLQ_TOPIC``) and the TLS/SASL options of :func:`~._common.kafka_connection_options`;
+    the command gets ``kafka_target`` (``None``: the Redis store)."""
     options = [
         click.option(
             "--kafka-bootstrap",
@@ -278,14 +285,17 @@ def kafka_options(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         target = _kafka_target(
-            click.get_current_context(), kwargs.pop("kafka_bootstrap"), kwargs.pop("dlq_topic")
+            click.get_current_context(),
+            kwargs.pop("kafka_bootstrap"),
+            kwargs.pop("dlq_topic"),
+            kwargs.pop("kafka_connection"),
         )
         kwargs["kafka_target"] = target
         return func(*args, **kwargs)
 
     for option in reversed(options):
         wrapper = option(wrapper)
-    return wrapper  # type: ignore[return-value]
+    return kafka_connection_options(wrapper)  # type: ignore[return-value]
 
 
 def _with_store(

@@ -180,6 +180,23 @@ _MAX_PREVIEW_CHARS: Final = 4096
 _BATCH_OVERHEAD: Final = 512
 _HEADER_OVERHEAD: Final = 10
 _FETCH_RECORDS: Final = 500
+# aiokafka options the store sets itself: its own arguments, and the producer's and the reader's settings
+_RESERVED_CLIENT_OPTIONS: Final = frozenset(
+    {
+        "bootstrap_servers",
+        "client_id",
+        "request_timeout_ms",
+        "acks",
+        "enable_idempotence",
+        "max_request_size",
+        "linger_ms",
+        "max_batch_size",
+        "group_id",
+        "enable_auto_commit",
+        "auto_offset_reset",
+        "fetch_max_wait_ms",
+    }
+)
 
 
 def default_dlq_topic(destination: str) -> str:
@@ -611,8 +628,11 @@ class KafkaDeadLetterStore:
     :meth:`~streamwarden.ReliabilitySettings.dead_letter_store_options` are accepted as they are.
 
     Clients start on first use; :meth:`aclose` (or ``async with``) stops them. ``client_options`` go to
-    every aiokafka client (``security_protocol``, ``ssl_context``, ``sasl_mechanism``,
-    ``sasl_plain_username``, ``sasl_plain_password``, ...). ``depth_reporter(destination)`` decides
+    every aiokafka client, the producer, the reader and the admin client alike (``security_protocol``,
+    ``ssl_context``, ``sasl_mechanism``, ``sasl_plain_username``, ``sasl_plain_password``, ...); they
+    may not set what the store sets itself (``bootstrap_servers``, ``client_id`` and
+    ``request_timeout_ms`` are its own arguments; ``acks``, ``group_id``, ...). ``repr()`` shows none of
+    them (they may hold a password). ``depth_reporter(destination)`` decides
     whether this process exports a destination's depth (e.g. the member owning partition 0 of the source
     topic), so a fleet reports each queue once; ``None`` reports every destination it knows.
     """
@@ -652,6 +672,12 @@ class KafkaDeadLetterStore:
             raise ValueError("max_entries_per_destination must be at least 1 (or None)")
         if delivery_timeout <= 0 or read_timeout <= 0 or request_timeout_ms <= 0:
             raise ValueError("timeouts must be positive")
+        options = dict(client_options or {})
+        if clash := sorted(_RESERVED_CLIENT_OPTIONS & options.keys()):
+            raise ValueError(
+                f"client_options may not set {', '.join(clash)}: the store sets it (bootstrap_servers, "
+                "client_id and request_timeout_ms are arguments of the store)"
+            )
         self.bootstrap_servers = (
             bootstrap_servers if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
         )
@@ -671,7 +697,7 @@ class KafkaDeadLetterStore:
         self.delivery_timeout = delivery_timeout
         self.read_timeout = read_timeout
         self.client_id = client_id
-        self.client_options = dict(client_options or {})
+        self.client_options = options
         self.depth_reporter = depth_reporter
         self._producer: Any = None
         self._reader: Any = None
@@ -714,6 +740,14 @@ class KafkaDeadLetterStore:
                     await stop()
                 except Exception as exc:  # closing must not fail the caller's shutdown
                     log.debug("closing a Kafka DLQ client failed: %r", exc)
+
+    def __repr__(self) -> str:
+        # not the client options: they may hold a password
+        security = self.client_options.get("security_protocol", "PLAINTEXT")
+        return (
+            f"<{type(self).__name__} {self.bootstrap_servers!r} client_id={self.client_id!r} "
+            f"security_protocol={security!r}>"
+        )
 
     async def __aenter__(self) -> KafkaDeadLetterStore:
         return self
