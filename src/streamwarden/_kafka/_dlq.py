@@ -64,11 +64,7 @@ from aiokafka import (  # type: ignore[import-untyped,unused-ignore]
     AIOKafkaConsumer,
     AIOKafkaProducer,
 )
-from aiokafka.admin import (  # type: ignore[import-untyped,unused-ignore]
-    AIOKafkaAdminClient,
-    NewTopic,
-)
-from aiokafka.errors import for_code  # type: ignore[import-untyped,unused-ignore]
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped,unused-ignore]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped,unused-ignore]
 
 from .._dlq import (
@@ -80,6 +76,7 @@ from .._dlq import (
     entry_matches,
 )
 from .._exceptions import DeadLetterError, DeadLetterQueueFullError
+from ._admin import MAX_TOPIC_CHARS, TOPIC_NAME, TopicCreationError, create_missing_topics
 
 __all__ = [
     "DEFAULT_DLQ_TOPIC_PATTERN",
@@ -160,8 +157,6 @@ DEFAULT_DLQ_TOPIC_PATTERN: Final = r".+\.dlq"
 DEFAULT_TOPIC_CONFIGS: Final[Mapping[str, str]] = {"retention.ms": "-1"}
 _DONE_TOPIC_CONFIGS: Final[Mapping[str, str]] = {"cleanup.policy": "compact", "retention.ms": "-1"}
 
-_TOPIC_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,249}")
-_MAX_TOPIC_CHARS: Final = 249
 _ENTRY_ID: Final = re.compile(r"([A-Za-z0-9._-]{1,249})/([0-9]{1,10})/([0-9]{1,19})")
 _SOURCE_REF: Final = re.compile(r"(?P<topic>.+)[/:@](?P<partition>[0-9]{1,10})[/:@](?P<offset>[0-9]{1,19})")
 _HEX32: Final = re.compile(r"[0-9a-f]{32}")
@@ -203,7 +198,7 @@ def default_dlq_topic(destination: str) -> str:
     """``{destination}.dlq`` when that is a legal Kafka topic name (``[A-Za-z0-9._-]``, short enough to
     leave room for the ``.done`` companion), else ``streamwarden-{sha256 of the destination}.dlq``."""
     name = destination + DLQ_SUFFIX
-    if _TOPIC_NAME.fullmatch(name) and len(name) + len(DONE_SUFFIX) <= _MAX_TOPIC_CHARS:
+    if TOPIC_NAME.fullmatch(name) and len(name) + len(DONE_SUFFIX) <= MAX_TOPIC_CHARS:
         return name
     digest = hashlib.sha256(destination.encode("utf-8", "surrogatepass")).hexdigest()[:40]
     return f"streamwarden-{digest}{DLQ_SUFFIX}"
@@ -818,10 +813,10 @@ class KafkaDeadLetterStore:
     def dlq_topic(self, destination: str) -> str:
         """The DLQ topic of ``destination`` (``topic_for``), checked to be a legal topic name."""
         topic = self.topic_for(destination)
-        if not _TOPIC_NAME.fullmatch(topic) or len(done_topic(topic)) > _MAX_TOPIC_CHARS:
+        if not TOPIC_NAME.fullmatch(topic) or len(done_topic(topic)) > MAX_TOPIC_CHARS:
             raise ValueError(
                 f"topic_for({destination!r}) gave {topic!r}: not a Kafka topic name of at most "
-                f"{_MAX_TOPIC_CHARS - len(DONE_SUFFIX)} characters of [A-Za-z0-9._-]"
+                f"{MAX_TOPIC_CHARS - len(DONE_SUFFIX)} characters of [A-Za-z0-9._-]"
             )
         self._topic_destination.setdefault(topic, destination)
         return topic
@@ -894,31 +889,11 @@ class KafkaDeadLetterStore:
         if topic in self._ensured or not self.create_topics:
             return
         admin = await self._admin_ready()
-        existing = set(await admin.list_topics())
-        done = done_topic(topic)
-        missing = [name for name in (topic, done) if name not in existing]
-        if missing:
-            replication = self.replication_factor
-            if replication is None:
-                brokers = (await admin.describe_cluster()).get("brokers") or [None]
-                replication = min(3, len(brokers))
-            new = [
-                NewTopic(
-                    name,
-                    self.partitions if name == topic else 1,
-                    replication,
-                    topic_configs=dict(self.topic_configs if name == topic else _DONE_TOPIC_CONFIGS),
-                )
-                for name in missing
-            ]
-            response = await admin.create_topics(new)
-            for result in response.topic_errors:
-                name, code, message = result[0], result[1], result[2]
-                if code not in (0, 36):  # 36: TopicAlreadyExists (another process won the race)
-                    raise DeadLetterError(
-                        f"cannot create Kafka topic {name!r}: {for_code(code).__name__}"
-                        + (f": {message}" if message else "")
-                    )
+        specs = {topic: (self.partitions, self.topic_configs), done_topic(topic): (1, _DONE_TOPIC_CONFIGS)}
+        try:
+            await create_missing_topics(admin, specs, replication_factor=self.replication_factor)
+        except TopicCreationError as exc:
+            raise DeadLetterError(str(exc)) from exc
         self._ensured.add(topic)
 
     async def delete(self, entry_id: str) -> bool:
