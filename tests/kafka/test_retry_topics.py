@@ -21,6 +21,9 @@ from _kafka_suite import (
     produce,
 )
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import streamwarden as sw
 from _support import Otel, eventually
@@ -36,6 +39,7 @@ from streamwarden._runners._kafka import (
     HEADER_RETRY_ERROR_TYPE,
     KafkaTransport,
     TopicProducer,
+    decode_record,
 )
 
 RECORDS = _names.METRIC_RETRY_TOPIC_RECORDS
@@ -355,3 +359,70 @@ async def test_each_hop_is_a_send_span_in_the_message_trace(
     assert hop.attributes["messaging.message.id"] == "o-1"
     assert [link.context.span_id for link in first.links] == [original.context.span_id]
     assert [link.context.span_id for link in second.links] == [hop.context.span_id]
+
+
+def _record(
+    topic: str, headers: list[tuple[str, bytes]], *, key: bytes | None = None
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(topic, 0, 7, 0, 0, key, b"{}", None, 0, 2, headers)
+
+
+_header_values = (
+    st.binary(max_size=40)
+    | st.text(max_size=12).map(lambda t: t.encode("utf-8", "surrogatepass"))
+    | st.integers(min_value=-(10**30), max_value=10**30).map(lambda i: str(i).encode())
+    | st.sampled_from(["²", "٣", "1e3", " 5", "5\n", "-0", "0x10"]).map(str.encode)
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    due=_header_values,
+    now=st.floats(min_value=0, max_value=4e9),
+    delay=st.floats(min_value=0.001, max_value=3600),
+)
+def test_a_due_time_is_never_later_than_the_topics_delay(due: bytes, now: float, delay: float) -> None:
+    """Whatever a retry record's due header holds, it runs no later than now + its topic's delay."""
+    transport = KafkaTransport(
+        bootstrap_servers="127.0.0.1:1", topic="t", group="g", consumer="c", retry_delays=(delay,)
+    )
+    when = transport._due(_record("t.retry.0", [("streamwarden.retry.due_ms", due)]), 0, now)
+    assert math.isfinite(when)
+    assert when <= now + delay
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [
+                    HEADER_ORIGINAL_PARTITION,
+                    HEADER_ORIGINAL_OFFSET,
+                    HEADER_RETRY_DELIVERY_COUNT,
+                    HEADER_ORIGINAL_TOPIC,
+                    "message_id",
+                ]
+            ),
+            _header_values,
+        ),
+        max_size=6,
+    )
+)
+def test_a_retry_record_is_always_a_message_of_the_topic(headers: list[tuple[str, bytes]]) -> None:
+    """Hostile retry headers never move a retried message to another destination, never give it a
+    source outside the topic, and never a delivery count below 1; decoding never raises."""
+    transport = KafkaTransport(
+        bootstrap_servers="127.0.0.1:1", topic="orders", group="g", consumer="c", retry_delays=(1,)
+    )
+    record = _record("orders.retry.0", headers)
+    env = transport._retried(
+        decode_record(record.topic, 0, 7, key=record.key, value=record.value, headers=record.headers)
+    )
+    assert env.destination == "orders"
+    assert env.source_ref is not None
+    assert env.source_ref.startswith(("orders/", "orders.retry.0/"))
+    assert env.delivery_count >= 1
+    _topic, partition, offset = env.source_ref.rsplit("/", 2)
+    assert partition.isascii()
+    assert offset.isascii()

@@ -88,6 +88,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -168,6 +169,8 @@ DEFAULT_RETRY_SUFFIX = ".retry"
 _MAX_RETRY_TOPICS = 10
 _MAX_RETRY_DELAY_S = 7 * 24 * 3600.0
 _MAX_ERROR_TYPE_CHARS = 200
+_DIGITS = re.compile(r"[0-9]{1,19}")  # an ASCII partition or offset ("²".isdigit() is true)
+_COUNT = re.compile(r"[0-9]{1,9}")
 # aiokafka options a consumer shares with the producer and admin client the retry topics need.
 _SHARED_CLIENT_OPTIONS = frozenset(
     {
@@ -1119,10 +1122,10 @@ class KafkaTransport:
             headers.get(HEADER_ORIGINAL_PARTITION, ""),
             headers.get(HEADER_ORIGINAL_OFFSET, ""),
         )
-        if partition.isdigit() and offset.isdigit() and len(partition) + len(offset) < 40:
+        if _DIGITS.fullmatch(partition) and _DIGITS.fullmatch(offset):
             source = f"{self.topic}/{partition}/{offset}"
         count = headers.get(HEADER_RETRY_DELIVERY_COUNT, "")
-        delivery_count = int(count) if count.isdigit() and len(count) < 10 else env.delivery_count
+        delivery_count = int(count) if _COUNT.fullmatch(count) else env.delivery_count
         return dataclasses.replace(
             env, destination=self.topic, source_ref=source, delivery_count=max(1, delivery_count)
         )
