@@ -349,3 +349,65 @@ async def test_non_ascii_prefix_is_sent_through_redis_py_encoding(
     assert (await store.claim("y", 30.0)).status is NEW
     assert await redis_client.hget(store.key("x"), "s") == b"c"
     assert await redis_client.hget(store.key("y"), "s") == b"p"
+
+
+async def test_completions_deferred_while_a_batch_call_awaits_are_sent_later_not_settled_by_it(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory
+) -> None:
+    """Two batches side by side on a deferring store: one's ``complete_many`` queues its completions while
+    the other's ``claim_many`` awaits Redis with an empty queue. Those completions must not be taken
+    for answered by that claim (it never sent them): every claim answers, no completion is reported
+    lost, and every record ends completed."""
+    store = store_factory(redis_client, defer_completions=True, flush_interval=60.0, local_cache_size=0)
+
+    async def batch(k: int) -> None:
+        claims = await store.claim_many([f"b{k}-{i}" for i in range(32)], 30)
+        assert [c.status for c in claims] == [ClaimStatus.NEW] * 32
+        assert (
+            await store.complete_many([c.lease for c in claims if c.lease is not None], 3600) == [True] * 32
+        )
+
+    for k in range(0, 40, 2):
+        await asyncio.gather(batch(k), batch(k + 1))
+    await store.flush()
+    assert store.lost_completions == 0
+    for k in range(40):
+        for i in range(0, 32, 7):
+            assert await store.state(f"b{k}-{i}") is RecordState.COMPLETED
+
+
+async def test_completions_deferred_while_a_group_commit_awaits_are_not_settled_by_it(
+    redis_client: redis.asyncio.Redis, store_factory: StoreFactory, scope: str
+) -> None:
+    """The same race on the group commit (``complete_and_xack``): completions deferred by another batch
+    while it awaits Redis are left for the next call, not taken as answered."""
+    store = store_factory(redis_client, defer_completions=True, flush_interval=60.0, local_cache_size=0)
+    stream = f"{scope}-stream"
+    await redis_client.xgroup_create(stream, "g", id="0", mkstream=True)
+
+    async def deferred(k: int) -> None:
+        claims = await store.claim_many([f"d{k}-{i}" for i in range(16)], 30)
+        assert (
+            await store.complete_many([c.lease for c in claims if c.lease is not None], 3600) == [True] * 16
+        )
+
+    async def committed(k: int) -> None:
+        claims = await store.claim_many([f"x{k}-{i}" for i in range(16)], 30)
+        for i in range(16):
+            await redis_client.xadd(stream, {"i": f"{k}-{i}"})
+        entries = await redis_client.xreadgroup("g", "c", {stream: ">"}, count=16)
+        ids = [entry_id.decode() for _name, rows in entries for entry_id, _fields in rows]
+        leases = [c.lease for c in claims if c.lease is not None]
+        answers = await store.complete_and_xack(
+            leases, 3600, [None] * len(leases), stream=stream, group="g", entry_ids=ids
+        )
+        assert answers == [True] * 16
+
+    for k in range(20):
+        await asyncio.gather(committed(k), deferred(k))
+    await store.flush()
+    assert store.lost_completions == 0
+    assert (await redis_client.xpending(stream, "g"))["pending"] == 0
+    for k in range(20):
+        for prefix in ("d", "x"):
+            assert await store.state(f"{prefix}{k}-3") is RecordState.COMPLETED

@@ -559,9 +559,10 @@ class RedisDedupStore:
         On a single node that is one script call. On a cluster the keys are grouped by hash slot, one
         script per group, all in one pipeline (one round trip per node).
         """
-        pending = self._pending
+        # take the queue, even an empty one: a completion deferred while this call awaits goes to a new
+        # list, never into the one whose entries this call settles
+        pending, self._pending = self._pending, []
         if pending:
-            self._pending = []
             keys = [entry[1] for entry in pending] + keys
             lines = [_completion_line(entry) for entry in pending] + lines
         try:
@@ -878,9 +879,8 @@ class RedisDedupStore:
             if entry_ids:
                 await self._client.xack(stream, group, *entry_ids)
         else:
-            pending = self._pending
+            pending, self._pending = self._pending, []  # even an empty queue (see _run)
             if pending:
-                self._pending = []
                 keys = [entry[1] for entry in pending] + keys
                 lines = [_completion_line(entry) for entry in pending] + lines
             ascii_args = stream.isascii() and group.isascii()
