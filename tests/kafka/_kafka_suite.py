@@ -15,6 +15,23 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 import streamwarden as sw
 from streamwarden._runners._kafka import KafkaConsumerRunner
 
+#: A handler module for ``streamwarden consume`` processes: appends each message to $SW_TEST_OUT; the
+#: message with ``n == 3`` fails permanently (dead-lettered).
+HANDLERS = """
+import json
+import os
+from pathlib import Path
+
+OUT = Path(os.environ["SW_TEST_OUT"])
+
+
+async def handle(message):
+    if message.payload.get("n") == 3:
+        raise ValueError("bad order")
+    with OUT.open("a") as out:
+        out.write(json.dumps({"id": message.id, "n": message.payload["n"]}) + "\\n")
+"""
+
 MakeTopic = Callable[..., Awaitable[str]]
 MakeLayer = Callable[..., sw.ReliabilityLayer]
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import click
 import pytest
+from _kafka_suite import HANDLERS
 from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
@@ -58,20 +59,6 @@ CLI = Path(sys.executable).parent / "streamwarden"
 # tail is what the checks look for in any output (an escaped form of the rest still contains it)
 PASSWORD = "P\u00e4'ss\"w\\0rd-sw-test-Zq9"
 PASSWORD_TAIL = "0rd-sw-test-Zq9"
-HANDLERS = """
-import json
-import os
-from pathlib import Path
-
-OUT = Path(os.environ["SW_TEST_OUT"])
-
-
-async def handle(message):
-    if message.payload.get("n") == 3:
-        raise ValueError("bad order")
-    with OUT.open("a") as out:
-        out.write(json.dumps({"id": message.id, "n": message.payload["n"]}) + "\\n")
-"""
 
 
 def assert_no_password(*texts: str) -> None:

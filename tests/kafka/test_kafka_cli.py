@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _kafka_suite import committed_offsets, produce
+from _kafka_suite import HANDLERS, committed_offsets, produce
 from aiokafka import AIOKafkaProducer
 from click.testing import CliRunner
 
@@ -22,20 +22,6 @@ from streamwarden._cli import main
 from streamwarden._kafka import KafkaDeadLetterStore
 
 CLI = Path(sys.executable).parent / "streamwarden"
-HANDLERS = """
-import json
-import os
-from pathlib import Path
-
-OUT = Path(os.environ["SW_TEST_OUT"])
-
-
-async def handle(message):
-    if message.payload.get("n") == 3:
-        raise ValueError("bad order")
-    with OUT.open("a") as out:
-        out.write(json.dumps({"id": message.id, "n": message.payload["n"]}) + "\\n")
-"""
 
 
 class Consumer:
