@@ -4,6 +4,7 @@ counts toward poison across topics, and a forged due time cannot stall a retry p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from _kafka_suite import (
+    FAST_GROUP,
     MakeLayer,
     MakeTopic,
     Running,
@@ -426,3 +428,43 @@ def test_a_retry_record_is_always_a_message_of_the_topic(headers: list[tuple[str
     _topic, partition, offset = env.source_ref.rsplit("/", 2)
     assert partition.isascii()
     assert offset.isascii()
+
+
+async def test_copies_in_flight_count_toward_max_held(
+    bootstrap: str, make_topic: MakeTopic, group: str, producer: AIOKafkaProducer
+) -> None:
+    """A member whose retry-topic copies are slow to confirm stops reading new records once
+    ``max_held`` of them wait, as it does for records held for a local redelivery: memory stays bounded."""
+    topic = await make_topic(1)
+    await produce(producer, topic, 5)
+    transport = KafkaTransport(
+        bootstrap_servers=bootstrap,
+        topic=topic,
+        group=group,
+        consumer="c",
+        retry_delays=(1,),
+        max_held=2,
+        poll_timeout_ms=100,
+        consumer_options=FAST_GROUP,
+    )
+    await transport.ensure_group()
+    never = asyncio.Event()
+    stuck = [asyncio.create_task(never.wait()) for _ in range(2)]
+    try:
+        await eventually(lambda: bool(transport.assignment()), what="the partition assigned")
+        transport._sending.update(stuck)
+        for _ in range(5):  # two copies in flight: nothing new is read
+            assert await transport.read(10) == []
+        transport._sending.difference_update(stuck)
+        read: list[Any] = []
+        await eventually(lambda: _read_more(transport, read), what="reading resumes")
+        assert len(read) == 5
+    finally:
+        never.set()
+        await asyncio.gather(*stuck)
+        await transport.close()
+
+
+async def _read_more(transport: KafkaTransport, into: list[Any]) -> bool:
+    into += await transport.read(10)
+    return len(into) >= 5

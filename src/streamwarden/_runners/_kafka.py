@@ -811,7 +811,8 @@ class KafkaTransport:
     async def read(self, max_count: int) -> Sequence[Delivery]:
         """Held records that are due, then ``getmany``: at most ``max_count`` in all. Waits up to
         ``poll_timeout_ms`` (less when a held record falls due sooner) when nothing is ready; reads no
-        new records while ``max_held`` records wait for their redelivery. Retries a failed commit first."""
+        new records while ``max_held`` records wait for their redelivery or their retry-topic copy.
+        Retries a failed commit first."""
         await self._end_keepalive()
         await self._settle_leftover()  # its records are held, due now: handed out below
         if self._client is None:
@@ -827,7 +828,8 @@ class KafkaTransport:
             wait_s = max(0.0, min(wait_s, self._held[0][0] - self._clock()))
         if self._waiting:
             wait_s = max(0.0, min(wait_s, self._resume_due()))
-        if len(out) < max_count and len(self._held) < self.max_held:
+        # records waiting here for a redelivery or for their retry-topic copy to be confirmed
+        if len(out) < max_count and len(self._held) + len(self._sending) < self.max_held:
             out += await self._poll(0 if out else int(wait_s * 1000), max_count - len(out))
         elif not out:
             await self._sleep(wait_s)
