@@ -21,8 +21,15 @@ running the fault suite's handler (``tests/faults/_fault_handler.py``). While th
 When every partition is committed to its end the consumers get SIGTERM and the run is reconciled; it
 exits 0 only if: lost = 0 (every id ran to its effect or is dead-lettered); every killer is poison and
 every permanent failure is dead-lettered; no healthy id is dead-lettered; every duplicate execution has
-a counted takeover (per id); nothing was committed that did not finish. Exit status 1 when a check
-fails, 2 when the run did not settle within ``--seconds``.
+a counted takeover (per id); nothing was committed that did not finish; every consumer sent SIGTERM
+exited within ``TERM_GRACE_S`` (one that did not is killed, named, and the run is still reconciled).
+Exit status 1 when a check fails, 2 when the run did not settle within ``--seconds``.
+
+The harness must stay light beside the consumers it watches (it shares their cores): its settle poll and
+the reconciliation follow the ledger incrementally (``LedgerTail``: each poll parses only the lines
+appended since the last one) and check each partition's records once, when the commit passes them. The
+summary reports the harness's CPU (``harness_cpu_s``, and its share of one core over the run) and that
+of the settle polls alone.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import asyncio
 import json
 import os
 import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +65,9 @@ SETTINGS = {
     "STREAMWARDEN_POISON_MAX_DELIVERIES": "5",
     "STREAMWARDEN_CIRCUIT_BREAKER_THRESHOLD": "1000",  # killers and failures must not open it here
 }
+# A consumer sent SIGTERM must be gone this long after (its shutdown_timeout is 5 s): else it is named in
+# the failures and killed, as an orchestrator would after its grace period.
+TERM_GRACE_S = 30.0
 
 
 def _log(message: str) -> None:
@@ -119,7 +131,11 @@ async def soak(args: argparse.Namespace, workdir: Path, redis_url: str, broker: 
             if every > 0
         }
         frozen: dict[str, float] = {}
+        terminating: dict[int, tuple[KafkaConsumerProcess, float]] = {}  # pid -> (member, exit deadline)
+        ignored_term: list[str] = []  # members still running TERM_GRACE_S after their SIGTERM
         settled = False
+        cpu_started = time.process_time()
+        polls: list[float] = []  # the CPU seconds of each settle poll
         while time.monotonic() - started < args.seconds:
             now = time.monotonic()
             for name, member in slots.items():  # the supervisor: whatever died is restarted
@@ -130,6 +146,13 @@ async def soak(args: argparse.Namespace, workdir: Path, redis_url: str, broker: 
                 if now >= until:
                     slots[name].sigcont()
                     del frozen[name]
+            for pid, (member, deadline) in list(terminating.items()):
+                if not member.alive():
+                    del terminating[pid]
+                elif now >= deadline:
+                    ignored_term.append(_ignored(member))
+                    member.kill()  # the supervisor restarts it at the next tick
+                    del terminating[pid]
             for kind, when in list(due.items()):
                 if now < when:
                     continue
@@ -140,6 +163,7 @@ async def soak(args: argparse.Namespace, workdir: Path, redis_url: str, broker: 
                     slots[name].kill()
                 elif kind == "term":
                     slots[name].sigterm()
+                    terminating[slots[name].pid] = (slots[name], now + TERM_GRACE_S)
                 elif kind == "stop" and name not in frozen:
                     slots[name].sigstop()
                     frozen[name] = now + args.stop_ms / 1000
@@ -148,27 +172,72 @@ async def soak(args: argparse.Namespace, workdir: Path, redis_url: str, broker: 
                     await asyncio.sleep(args.stall_ms / 1000)  # the stall's length is the fault
                     broker.resume()
                 events[kind] += 1
+            poll_started = time.process_time()
             try:
                 settled = await rig.settled()
             except AssertionError:  # committed but never processed: a real failure
                 raise
             except Exception:  # a stalled broker, a member restarting: not settled yet
                 settled = False
+            polls.append(time.process_time() - poll_started)
             if settled:
                 break
             await asyncio.sleep(0.2)  # the chaos loop's tick
         elapsed = time.monotonic() - started
+        harness = {
+            "harness_cpu_s": round(time.process_time() - cpu_started, 2),
+            "harness_cpu_share": round((time.process_time() - cpu_started) / elapsed, 3),
+            "settle_polls": len(polls),
+            "settle_poll_cpu_s": round(sum(polls), 2),
+            "settle_poll_cpu_ms_max": round(1000 * max(polls, default=0.0), 1),
+        }
         for name in list(frozen):
             slots[name].sigcont()
-        await rig.stop_all()
+        ignored_term += await stop_all(rig)
+        # every consumer process has been reaped now (the broker and redis-server not yet)
+        harness["consumers_cpu_s"] = round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
+            + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime,
+            1,
+        )
+        _log(f"harness {harness}")
         if not settled:
+            committed = await rig.committed()
+            ends = rig.ends()
+            done = sum(committed.get(p, 0) for p in ends)  # offsets are dense here: no transactions
             _log(
-                f"did not settle within {args.seconds}s; committed {await rig.committed()}, ends {rig.ends()}"
+                f"did not settle within {args.seconds}s: committed {done} of {sum(ends.values())} records"
+                f" (per partition {committed}, ends {ends}); events {dict(events)}"
             )
             return 2
-        return await reconcile(rig, kinds, events, elapsed, len(messages), args)
+        return await reconcile(rig, kinds, events, elapsed, len(messages), harness, ignored_term, args)
     finally:
         await rig.close()
+
+
+def _ignored(member: KafkaConsumerProcess) -> str:
+    """Name a member that ignored SIGTERM, with where its log stops (e.g. in its first group join)."""
+    last = member.stderr().strip().rsplit("\n", 1)[-1][:200]
+    assigned = "never assigned" if not member.assignments() else f"{member.assignments()} assignments"
+    _log(
+        f"{member.name} (pid {member.pid}) still running {TERM_GRACE_S:.0f}s after SIGTERM ({assigned}): {last}"
+    )
+    return f"{member.name} pid {member.pid} ({assigned})"
+
+
+async def stop_all(rig: KafkaFaultRig) -> list[str]:
+    """SIGTERM every live consumer; kill the ones still running ``TERM_GRACE_S`` later and name them."""
+    for member in rig.consumers:
+        member.sigterm()
+    deadline = time.monotonic() + TERM_GRACE_S
+    ignored = []
+    for member in rig.consumers:
+        try:
+            await asyncio.to_thread(member.proc.wait, max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            ignored.append(_ignored(member))
+            member.kill()
+    return ignored
 
 
 async def reconcile(
@@ -177,11 +246,17 @@ async def reconcile(
     events: Counter[str],
     elapsed: float,
     count: int,
+    harness: dict[str, Any],
+    ignored_term: list[str],
     args: argparse.Namespace,
 ) -> int:
-    ledger = rig.ledger()
+    reconcile_started = time.process_time()
     dead = {e["message_id"]: e["reason"] for e in await rig.dlq()}
     failures = []
+    if ignored_term:
+        failures.append(
+            f"{len(ignored_term)} consumers ignored SIGTERM for {TERM_GRACE_S:.0f}s: {ignored_term}"
+        )
     lost = await rig.lost(kinds)
     if lost:
         failures.append(f"lost {len(lost)}: {sorted(lost)[:10]}")
@@ -199,7 +274,7 @@ async def reconcile(
             f"{len(healthy_dead)} healthy ids dead-lettered: {dict(list(healthy_dead.items())[:10])}"
         )
     try:
-        rig.assert_duplicates_counted(ledger)
+        rig.assert_duplicates_counted()  # the whole ledger, through the rig's tail (counts per id)
         await rig.assert_no_unprocessed_committed()
     except AssertionError as exc:
         failures.append(str(exc))
@@ -211,12 +286,19 @@ async def reconcile(
         "events": dict(events),
         "rebalances_logged": sum(c.assignments() for c in rig.consumers),
         "processes": len(rig.consumers),
-        "effects": sum(ledger.effect_counts().values()),
-        "duplicate_executions": ledger.duplicate_executions(),
-        "takeovers_logged": ledger.takeovers(),
+        "ledger_lines": dict(rig.tail.phases),
+        "effects": sum(rig.tail.effects.values()),
+        "duplicate_executions": rig.tail.duplicate_executions(),
+        "duplicated_ids": sum(1 for n in rig.tail.effects.values() if n > 1),
+        "takeovers_logged": sum(rig.tail.takeovers.values()),
+        "takeovers_logged_of_duplicated_ids": sum(
+            rig.tail.takeovers[mid] for mid, n in rig.tail.effects.items() if n > 1
+        ),
         "takeovers_counted": counters["dedup_takeovers"],
         "dead_lettered": dict(Counter(dead.values())),
         "lost": len(lost),
+        **harness,
+        "reconcile_cpu_s": round(time.process_time() - reconcile_started, 2),
         "failures": failures,
         "options": {k: v for k, v in vars(args).items() if k != "json"},
     }

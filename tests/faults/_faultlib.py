@@ -169,12 +169,8 @@ class Ledger:
 
     @classmethod
     def read(cls, directory: Path) -> Ledger:
-        records: list[dict[str, Any]] = []
-        for path in sorted(directory.glob("ledger-*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    records.append(json.loads(line))
-        return cls(records)
+        """Every complete line of every ``ledger-*.jsonl`` in ``directory`` (see :class:`LedgerTail`)."""
+        return cls(LedgerTail(directory).read_new())
 
     def of(self, phase: str, message_id: str | None = None) -> list[dict[str, Any]]:
         return [
@@ -230,6 +226,57 @@ class Ledger:
                     if pid_a != pid_b and start_a < end_b and start_b < end_a:
                         found.append((mid, pid_a, pid_b))
         return found
+
+
+@dataclass
+class LedgerTail:
+    """The ledger read as it grows, for checks repeated while it grows (a soak's settle poll).
+
+    Each :meth:`read_new` parses only what was appended since the last call: it remembers how far it
+    read each file, and a last line without its newline yet (a write still landing) is left for the next
+    call. What it parsed is folded into running counts (effects and takeovers per id, lines per phase)
+    and returned, so a poll costs the new lines, not the whole ledger.
+    """
+
+    directory: Path
+    effects: Counter[str] = field(default_factory=Counter)
+    takeovers: Counter[str] = field(default_factory=Counter)
+    phases: Counter[str] = field(default_factory=Counter)
+    _offsets: dict[str, int] = field(default_factory=dict)
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """The complete lines appended since the last call, in file order per process."""
+        records: list[dict[str, Any]] = []
+        for path in sorted(self.directory.glob("ledger-*.jsonl")):
+            offset = self._offsets.get(path.name, 0)
+            if path.stat().st_size <= offset:
+                continue
+            with path.open("rb") as file:
+                file.seek(offset)
+                chunk = file.read()
+            end = chunk.rfind(b"\n") + 1  # 0: no complete line yet
+            if end == 0:
+                continue
+            parsed = [json.loads(line) for line in chunk[:end].splitlines() if line.strip()]
+            for record in parsed:
+                self.phases[record["phase"]] += 1
+                if record["phase"] == "effect":
+                    self.effects[record["id"]] += 1
+                elif record["phase"] == "takeover":
+                    self.takeovers[record["id"]] += 1
+            self._offsets[path.name] = offset + end
+            records += parsed
+        return records
+
+    def duplicate_executions(self) -> int:
+        """Executions beyond the first of each id, so far."""
+        return sum(n - 1 for n in self.effects.values())
+
+    def uncounted_duplicates(self) -> dict[str, tuple[int, int]]:
+        """``{id: (effects, takeovers)}`` for every id that ran more often than 1 + its takeovers."""
+        return {
+            mid: (n, self.takeovers[mid]) for mid, n in self.effects.items() if n - 1 > self.takeovers[mid]
+        }
 
 
 # --- the rig ----------------------------------------------------------------------------------------

@@ -19,12 +19,18 @@ process it spawns; :meth:`KafkaFaultRig.close` kills them all.
   commit always follows the effect or the confirmed DLQ write, so what was committed when the offsets
   were read is visible in what is read after.
 
-The ledger lines themselves (``Ledger``) are ``tests/faults/_faultlib.py``'s, reused as is.
+The checks a poll repeats are incremental, so a long soak's poll costs what changed since the last one:
+the ledger is followed by a ``LedgerTail`` (new lines only, running counts per id), the Redis DLQ from
+the last entry seen, and each partition's records are checked once, when the committed offset first
+passes them (what is done stays done: ledger lines and dead letters are only ever added).
+
+The ledger lines themselves (``Ledger``, ``LedgerTail``) are ``tests/faults/_faultlib.py``'s, reused as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import inspect
 import json
@@ -44,7 +50,7 @@ from typing import Any
 
 import redis.asyncio
 import redis.exceptions
-from _faultlib import Ledger, free_port
+from _faultlib import Ledger, LedgerTail, free_port
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -227,6 +233,11 @@ class KafkaFaultRig:
         self.consumers: list[KafkaConsumerProcess] = []
         self.produced: list[Produced] = []
         self.dead_lettered: set[str] = set()  # every id ever seen in the DLQ (a purge does not unsee it)
+        self.tail = LedgerTail(self.ledger_dir)  # the ledger as it grows: running counts per id
+        self._by_partition: dict[int, list[Produced]] = {}  # in offset order
+        self._checked: dict[int, int] = {}  # per partition: how many records were found done below a commit
+        self._dlq_seen = ""  # the last Redis DLQ entry id folded into dead_lettered
+        self._kafka_dlq = False  # a member was spawned with dlq="kafka" ({topic}.dlq may hold entries)
         self._producer: AIOKafkaProducer | None = None
         self._reader: AIOKafkaConsumer | None = None
 
@@ -282,6 +293,8 @@ class KafkaFaultRig:
             meta = await future
             out.append(Produced(message_id, meta.partition, meta.offset))
         self.produced += out
+        for produced in out:  # each partition's offsets only grow, send after send
+            self._by_partition.setdefault(produced.partition, []).append(produced)
         return out
 
     def where(self, message_id: str) -> Produced:
@@ -290,10 +303,7 @@ class KafkaFaultRig:
 
     def ends(self) -> dict[int, int]:
         """The end offset of every partition the rig produced to."""
-        ends: dict[int, int] = {}
-        for p in self.produced:
-            ends[p.partition] = max(ends.get(p.partition, 0), p.offset + 1)
-        return ends
+        return {partition: records[-1].offset + 1 for partition, records in self._by_partition.items()}
 
     async def committed(self) -> dict[int, int]:
         """The group's committed offset per partition (0 where nothing is committed), read by a
@@ -373,6 +383,7 @@ class KafkaFaultRig:
             )
         consumer = KafkaConsumerProcess(name, proc, stderr_path, health_port=health_port)
         self.consumers.append(consumer)
+        self._kafka_dlq = self._kafka_dlq or dlq == "kafka"
         return consumer
 
     def live(self) -> list[KafkaConsumerProcess]:
@@ -421,12 +432,12 @@ class KafkaFaultRig:
         return Ledger.read(self.ledger_dir)
 
     async def dlq(self) -> list[dict[str, str]]:
-        """The dead-letter entries of the topic, fields as text, from Redis and from ``{topic}.dlq``
-        (the one not in use is empty)."""
+        """The dead-letter entries of the topic, fields as text, from Redis and, once a member was spawned
+        with ``dlq="kafka"``, from ``{topic}.dlq``."""
         entries = await self.client.xrange(f"{KEY_PREFIX}:dlq:{self.topic}", "-", "+")
         found = [{_text(k): _text(v) for k, v in fields.items()} for _, fields in entries]
         self.dead_lettered.update(e["message_id"] for e in found)
-        return found + await self.kafka_dlq()
+        return found + (await self.kafka_dlq() if self._kafka_dlq else [])
 
     async def kafka_dlq(self) -> list[dict[str, str]]:
         """The live entries of ``{topic}.dlq`` (none when the topic does not exist)."""
@@ -466,10 +477,24 @@ class KafkaFaultRig:
         assert len(keys) == 1, f"expected one dedup record of {message_id!r}, found {keys}"
         return {_text(k): _text(v) for k, v in (await self.client.hgetall(keys[0])).items()}
 
+    async def _read_outcomes(self) -> None:
+        """Fold what was added since the last call: new ledger lines, new dead letters."""
+        start = f"({self._dlq_seen}" if self._dlq_seen else "-"
+        entries = await self.client.xrange(f"{KEY_PREFIX}:dlq:{self.topic}", start, "+")
+        for entry_id, fields in entries:
+            self.dead_lettered.add({_text(k): _text(v) for k, v in fields.items()}["message_id"])
+            self._dlq_seen = _text(entry_id)
+        if self._kafka_dlq:
+            await self.kafka_dlq()  # a topic read from its start: small in the tests that use it
+        self.tail.read_new()
+
+    def _done(self, message_id: str) -> bool:
+        return message_id in self.tail.effects or message_id in self.dead_lettered
+
     async def done_ids(self) -> set[str]:
         """Ids that ran to their effect or were seen in the DLQ (before a purge, too)."""
-        await self.dlq()
-        return self.ledger().executed_ids() | self.dead_lettered
+        await self._read_outcomes()
+        return set(self.tail.effects) | self.dead_lettered
 
     async def lost(self, message_ids: Iterable[str] | None = None) -> set[str]:
         """Ids (default: every one produced) that neither ran to their effect nor reached the DLQ."""
@@ -479,10 +504,16 @@ class KafkaFaultRig:
     async def assert_no_unprocessed_committed(self, committed: Mapping[int, int] | None = None) -> None:
         """Every record below its partition's committed offset ran to its effect or is dead-lettered."""
         offsets = committed if committed is not None else await self.committed()
-        done = await self.done_ids()
-        passed = {p.message_id for p in self.produced if p.offset < offsets.get(p.partition, 0)}
-        unprocessed = passed - done
+        await self._read_outcomes()
+        unprocessed: list[str] = []
+        reached: dict[int, int] = {}
+        for partition, records in self._by_partition.items():
+            start = self._checked.get(partition, 0)  # the records before were done at an earlier check
+            stop = bisect.bisect_left(records, offsets.get(partition, 0), key=lambda p: p.offset)
+            unprocessed += [p.message_id for p in records[start:stop] if not self._done(p.message_id)]
+            reached[partition] = max(start, stop)
         assert not unprocessed, f"committed but never processed: {sorted(unprocessed)} (offsets {offsets})"
+        self._checked.update(reached)
 
     async def settled(self) -> bool:
         """Every partition committed up to its end; checks :meth:`assert_no_unprocessed_committed`."""
@@ -491,13 +522,18 @@ class KafkaFaultRig:
         return all(offsets.get(p, 0) >= end for p, end in self.ends().items())
 
     def assert_duplicates_counted(self, ledger: Ledger | None = None) -> None:
-        """Every id that ran to its effect twice or more has a takeover line for each run beyond the first."""
-        ledger = ledger or self.ledger()
-        uncounted = {
-            mid: (n, ledger.takeovers(mid))
-            for mid, n in ledger.effect_counts().items()
-            if n - 1 > ledger.takeovers(mid)
-        }
+        """Every id that ran to its effect twice or more has a takeover line for each run beyond the first
+        (in ``ledger``, or else in the whole ledger as read so far by :attr:`tail`, brought up to date)."""
+        if ledger is None:
+            self.tail.read_new()
+            uncounted = self.tail.uncounted_duplicates()
+        else:
+            takeovers = Counter(r["id"] for r in ledger.of("takeover"))
+            uncounted = {
+                mid: (n, takeovers[mid])
+                for mid, n in ledger.effect_counts().items()
+                if n - 1 > takeovers[mid]
+            }
         assert not uncounted, f"uncounted duplicate executions (effects, takeovers): {uncounted}"
 
     async def assert_oracle(self, message_ids: Iterable[str] | None = None) -> Ledger:
