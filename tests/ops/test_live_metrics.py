@@ -84,6 +84,7 @@ UNKNOWN_IN_ADVANCE = frozenset(
         "messaging_process_duration_seconds_bucket",  # a histogram: error.type
         "messaging_process_duration_seconds_count",
         "messaging_client_consumed_messages_total",  # exists with the destination; no rare labels
+        "streamwarden_retry_topic_records_total",  # per retry topic and result; Kafka with retry topics
     }
 )
 RUNNER_FAMILIES = {"streamwarden_consumer_lost_total"}
