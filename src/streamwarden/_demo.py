@@ -190,7 +190,6 @@ class BrokerAPI:
         self._config = config
         self._rng = rng
         self.outage = False
-        self.outage_failures = 0  # calls failed by an outage, ever
         self.executed: Counter[str] = Counter()
 
     async def execute(self, message: Any) -> dict[str, Any]:
@@ -199,7 +198,6 @@ class BrokerAPI:
         low, high = self._config.latency_ms
         await asyncio.sleep(self._rng.uniform(low, high) / 1000.0)
         if self.outage:
-            self.outage_failures += 1
             raise ConnectionError("broker API unreachable (outage)")
         qty = data["qty"]
         if not isinstance(qty, int | float) or qty <= 0:
@@ -339,27 +337,34 @@ _OUTAGE_MAX_S = 10.0
 
 class _Outage:
     """The stream demos' outage switch, moved by the producer loop: on from the first message of the
-    window, off once the window was written *and* the consumers felt it, i.e. the outage failed enough
-    calls to open every runner's breaker (``needed``), or after :data:`_OUTAGE_MAX_S` seconds.
+    window, off once the window was written *and* the consumers felt it (a circuit breaker opened since
+    the outage began), or after :data:`_OUTAGE_MAX_S` seconds.
 
     A window of messages alone is a race: consumers that read the window's records only after the
-    producer moved past it (a slow fetch, a busy machine) would never meet the outage.
+    producer moved past it (a slow fetch, a busy machine) would never meet the outage. Counting failed
+    calls is no measure either: a message's retries fail too, so a few messages "feel" it without ever
+    opening a breaker.
     """
 
-    def __init__(self, config: DemoConfig, broker: BrokerAPI, needed: int) -> None:
+    def __init__(self, config: DemoConfig, broker: BrokerAPI, report: DemoReport) -> None:
         self._window = _outage_window(config)
         self._broker = broker
-        self._needed = broker.outage_failures + needed
+        self._report = report
+        self._opened_before = 0
         self._started: float | None = None
+
+    def _opened(self) -> int:
+        return sum(1 for _old, new in self._report.transitions if new == "open")
 
     def update(self, produced: int) -> None:
         broker = self._broker
         if produced in self._window:
             if self._started is None:
                 self._started = time.monotonic()
+                self._opened_before = self._opened()
             broker.outage = True
         elif broker.outage and self._started is not None:
-            felt = broker.outage_failures >= self._needed
+            felt = self._opened() > self._opened_before
             broker.outage = not felt and time.monotonic() - self._started < _OUTAGE_MAX_S
 
 
@@ -696,8 +701,7 @@ class _RedisRun:
 
         producer = StreamProducer(self.client, DEMO_STREAM, service_name=DEMO_SERVICE)
         workload, report = _Workload(self.config, self.report), self.report
-        threshold = self.settings.circuit_breaker_threshold
-        outage = _Outage(self.config, self.broker, threshold * len(self.layers))
+        outage = _Outage(self.config, self.broker, report)
         while not self.stop.is_set() and (message := workload.next_message()) is not None:
             outage.update(report.produced)
             await producer.send(message, message_id=message.get("id"))
@@ -944,8 +948,7 @@ class _KafkaRun:
         try:
             producer = TopicProducer(client, self.topic, service_name=self.config.service_name)
             workload, report = _Workload(self.config, self.report), self.report
-            threshold = self.settings.circuit_breaker_threshold
-            outage = _Outage(self.config, self.broker, threshold * len(self.layers))
+            outage = _Outage(self.config, self.broker, report)
             while not self.stop.is_set() and (message := workload.next_message()) is not None:
                 outage.update(report.produced)
                 message_id = message.get("id")
