@@ -35,7 +35,10 @@ fencing-checked, and idempotent for their own owner (a re-sent ``release(attempt
 attempt back once).
 
 A bounded LRU of recently completed ids (on ``clock``, never outliving the record's TTL) answers hot
-duplicates without a round trip; it can only answer ``DUPLICATE`` / ``CONFLICT``, never ``NEW``.
+duplicates without a round trip; it can only answer ``DUPLICATE`` / ``CONFLICT``, never ``NEW``. The
+record key of an id this store claimed is kept until its lease is completed, released or marked, so
+the id is hashed once per claim, not once more for the completion (bounded too: past
+``_MAX_CLAIMED_KEYS`` outstanding leases the keys are dropped and computed again).
 
 With ``defer_completions=True`` a completion is queued and sent with the next script call of this
 store (single node: in the same script as the next claim) or by a background flush at most
@@ -236,6 +239,7 @@ return table.concat(out, ' ')
 _SHA: Final = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 _NEW, _DUP_MATCH, _IN_PROGRESS, _CONFLICT, _TAKEOVER, _DUP_NO_FP, _DUP_UNCOMPARED, _DUP_MARKER = range(8)
+_LEASED: Final = (_NEW, _TAKEOVER)  # the claim codes that come with a lease
 _STATES: Final = (
     RecordState.ABSENT,
     RecordState.IN_PROGRESS,
@@ -254,6 +258,9 @@ _UNKNOWN: Final = object()
 
 # Claims whose answer was lost (connection dropped, timeout, cancelled) remembered for a retry.
 _MAX_UNSETTLED: Final = 10_000
+# Record keys of claimed ids kept for their completion; past this many (leases never completed here,
+# or more in flight than this) they are dropped and computed again.
+_MAX_CLAIMED_KEYS: Final = 10_000
 
 # Policies that may evict a dedup record (every record carries a TTL, so volatile-* pick them too).
 _SAFE_POLICIES = frozenset({"noeviction"})
@@ -444,6 +451,8 @@ class RedisDedupStore:
         self._ascii_prefix = self._prefix.isascii()
         self._cache: OrderedDict[str, tuple[float, object]] = OrderedDict()
         self._unsettled: OrderedDict[str, str] = OrderedDict()
+        # record keys of the ids claimed here whose lease is outstanding: the completion reuses them
+        self._claimed: dict[str, str] = {}
         # Queued completions: (message id, key, owner, fencing token, ttl ms, fingerprint); sent before
         # anything else in the next call.
         self._pending: list[_Completion] = []
@@ -480,6 +489,16 @@ class RedisDedupStore:
     def key(self, message_id: str) -> str:
         """The Redis key of ``message_id``'s record."""
         return self._prefix + _id_digest(message_id)
+
+    def _lease_key(self, message_id: str) -> str:
+        """The record key of a lease's id that is settled now (completed, released, marked): the one its
+        claim computed, else computed again."""
+        return self._claimed.pop(message_id, None) or self.key(message_id)
+
+    def _keep_keys(self, claimed: dict[str, str]) -> None:
+        """Bound the kept keys (see :data:`_MAX_CLAIMED_KEYS`)."""
+        if len(claimed) > _MAX_CLAIMED_KEYS:
+            claimed.clear()
 
     # --- running the script -------------------------------------------------------------------
     async def _call(self, *args: str, ascii_args: bool = True) -> Any:
@@ -632,6 +651,24 @@ class RedisDedupStore:
         if len(cache) > self._cache_size:
             cache.popitem(last=False)
 
+    def _remember_done(
+        self, leases: Sequence[Lease], fps: Sequence[str], codes: Sequence[int], expires_at: float
+    ) -> None:
+        """:meth:`_remember` the ids of a batch whose completion answered 1 (2: completed before; the
+        record keeps its fingerprint and TTL), evicting the oldest once for the whole batch."""
+        size = self._cache_size
+        if not size:
+            return
+        cache = self._cache
+        move_to_end = cache.move_to_end
+        for lease, fp, code in zip(leases, fps, codes, strict=True):
+            if code == 1:
+                message_id = lease.message_id
+                cache[message_id] = (expires_at, fp)
+                move_to_end(message_id)
+        for _ in range(len(cache) - size):
+            cache.popitem(last=False)
+
     def _cached(self, message_id: str, fingerprint: str, now: float) -> ClaimResult | None:
         """``DUPLICATE`` / ``CONFLICT`` when the cache knows the answer; ``None``: ask Redis."""
         entry = self._cache.get(message_id)
@@ -725,7 +762,11 @@ class RedisDedupStore:
         except BaseException:
             self._unsettle(message_id, owner)
             raise
-        return self._claim_result(message_id, owner, reply & 7, reply >> 3, now, lease_seconds, fp)
+        code = reply & 7
+        if code in _LEASED:
+            self._claimed[message_id] = key
+            self._keep_keys(self._claimed)
+        return self._claim_result(message_id, owner, code, reply >> 3, now, lease_seconds, fp)
 
     async def claim_many(
         self,
@@ -742,24 +783,23 @@ class RedisDedupStore:
         elif len(fingerprints) != len(message_ids):
             raise ValueError("fingerprints must be as long as message_ids")
         else:
-            fps = [_wire_fingerprint(fp) for fp in fingerprints]
+            fps = [_wire_fingerprint(fp) if fp else "" for fp in fingerprints]
         now = self._clock()
         results: list[ClaimResult | None] = [None] * len(message_ids)
         asked: list[tuple[int, str]] = []
         keys: list[str] = []
         lines: list[str] = []
         lease_ms = _milliseconds(lease_seconds)
-        prefix, unsettled, cache, key_of = _owner_prefix, self._unsettled, self._cache, self.key
+        prefix, counter, unsettled, cache = _owner_prefix, _owner_counter, self._unsettled, self._cache
+        key_of = self.key
         for index, message_id in enumerate(message_ids):
             fp = fps[index]
-            if cache:
+            if message_id in cache:
                 cached = self._cached(message_id, fp, now)
                 if cached is not None:
                     results[index] = cached
                     continue
-            owner = (
-                unsettled.pop(message_id, None) if unsettled else None
-            ) or f"{prefix}{next(_owner_counter)}"
+            owner = (unsettled.pop(message_id, None) if unsettled else None) or f"{prefix}{next(counter)}"
             asked.append((index, owner))
             keys.append(key_of(message_id))
             lines.append(f"c {owner}  {lease_ms} {fp}\n")
@@ -770,11 +810,16 @@ class RedisDedupStore:
                 for index, owner in asked:
                     self._unsettle(message_ids[index], owner)
                 raise
-            claim_result = self._claim_result
+            claim_result, claimed = self._claim_result, self._claimed
             for n, (index, owner) in enumerate(asked):
+                message_id = message_ids[index]
+                code = reply[2 * n]
+                if code in _LEASED:
+                    claimed[message_id] = keys[n]
                 results[index] = claim_result(
-                    message_ids[index], owner, reply[2 * n], reply[2 * n + 1], now, lease_seconds, fps[index]
+                    message_id, owner, code, reply[2 * n + 1], now, lease_seconds, fps[index]
                 )
+            self._keep_keys(claimed)
         return results  # type: ignore[return-value]
 
     # --- completion ---------------------------------------------------------------------------
@@ -788,7 +833,7 @@ class RedisDedupStore:
         fp = _wire_fingerprint(fingerprint) if fingerprint else ""
         message_id = lease.message_id
         expires_at = self._clock() + ttl_seconds
-        key = self.key(message_id)
+        key = self._lease_key(message_id)
         ttl_ms = str(_milliseconds(ttl_seconds))
         owner, fence = lease.owner, str(lease.fencing_token)
         if self._defer:
@@ -822,27 +867,28 @@ class RedisDedupStore:
         elif len(fingerprints) != len(leases):
             raise ValueError("fingerprints must be as long as leases")
         else:
-            fps = [_wire_fingerprint(fp) for fp in fingerprints]
+            fps = [_wire_fingerprint(fp) if fp else "" for fp in fingerprints]
         if not leases:
             return []
         expires_at = self._clock() + ttl_seconds
         ttl_ms = str(_milliseconds(ttl_seconds))
-        key_of = self.key
-        ops: list[_Completion] = [
-            (lease.message_id, key_of(lease.message_id), lease.owner, str(lease.fencing_token), ttl_ms, fp)
+        lease_key = self._lease_key
+        keys = [lease_key(lease.message_id) for lease in leases]
+        if self._defer:
+            self._remember_done(leases, fps, [1] * len(leases), expires_at)
+            self._pending += [
+                (lease.message_id, key, lease.owner, str(lease.fencing_token), ttl_ms, fp)
+                for lease, key, fp in zip(leases, keys, fps, strict=True)
+            ]
+            await self._after_deferring()
+            return [True] * len(leases)
+        lines = [
+            f"d {lease.owner} {lease.fencing_token} {ttl_ms} {fp}\n"
             for lease, fp in zip(leases, fps, strict=True)
         ]
-        if self._defer:
-            for lease, fp in zip(leases, fps, strict=True):
-                self._remember(lease.message_id, expires_at, fp)
-            self._pending += ops
-            await self._after_deferring()
-            return [True] * len(ops)
-        reply = await self._run([entry[1] for entry in ops], [_completion_line(entry) for entry in ops])
-        codes = [reply[2 * n] for n in range(len(ops))]
-        for lease, fp, code in zip(leases, fps, codes, strict=True):
-            if code == 1:  # 2: completed before; the record keeps its fingerprint and TTL
-                self._remember(lease.message_id, expires_at, fp)
+        reply = await self._run(keys, lines)
+        codes = reply[0 : 2 * len(leases) : 2]
+        self._remember_done(leases, fps, codes, expires_at)
         return [code != 0 for code in codes]
 
     async def complete_and_xack(
@@ -868,8 +914,8 @@ class RedisDedupStore:
         fps = [_wire_fingerprint(fp) if fp else "" for fp in fingerprints]
         expires_at = self._clock() + ttl_seconds
         ttl_ms = str(_milliseconds(ttl_seconds))
-        key_of = self.key
-        keys = [key_of(lease.message_id) for lease in leases]
+        lease_key = self._lease_key
+        keys = [lease_key(lease.message_id) for lease in leases]
         lines = [
             f"d {lease.owner} {lease.fencing_token} {ttl_ms} {fp}\n"
             for lease, fp in zip(leases, fps, strict=True)
@@ -897,10 +943,8 @@ class RedisDedupStore:
             if pending:
                 self._settle(pending, reply)
                 reply = reply[2 * len(pending) :]
-        codes = [reply[2 * n] for n in range(len(leases))]
-        for lease, fp, code in zip(leases, fps, codes, strict=True):
-            if code == 1:
-                self._remember(lease.message_id, expires_at, fp)
+        codes = reply[0 : 2 * len(leases) : 2]
+        self._remember_done(leases, fps, codes, expires_at)
         return [code != 0 for code in codes]
 
     async def _after_deferring(self) -> None:
@@ -987,7 +1031,7 @@ class RedisDedupStore:
         """
         op = "r" if attempted else ("v" if keep_takeover else "u")
         line = f"{op} {lease.owner} {lease.fencing_token} 1 \n"
-        return (await self._run([self.key(lease.message_id)], [line]))[0] == 1
+        return (await self._run([self._lease_key(lease.message_id)], [line]))[0] == 1
 
     async def extend(self, lease: Lease, lease_seconds: float) -> Lease | None:
         """Extend a lease that is still the owner's to ``lease_seconds`` from now; ``None`` when lost."""
@@ -1004,7 +1048,7 @@ class RedisDedupStore:
         The marker is not a completion: :meth:`is_completed` stays ``False`` and no cache holds it.
         """
         line = f"l {lease.owner} {lease.fencing_token} {_milliseconds(window_seconds)} \n"
-        return (await self._run([self.key(lease.message_id)], [line]))[0] == 1
+        return (await self._run([self._lease_key(lease.message_id)], [line]))[0] == 1
 
     async def state(self, message_id: str) -> RecordState:
         """The state of the record in Redis, in one script call (deferred completions are sent first)."""

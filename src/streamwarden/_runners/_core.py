@@ -121,6 +121,11 @@ _COMMIT_TRIES = 3
 # Bound on each I/O a health check makes (ping, DLQ depth, backlog).
 _PROBE_S = 2.0
 _DEFERRED = Outcome.DEFERRED
+# Per outcome, its name in ConsumerStats.outcomes and whether it is acknowledged
+# (ProcessResult.should_ack): one dict lookup per message instead of an enum attribute and a property.
+_SETTLE: dict[Outcome, tuple[str, bool]] = {
+    outcome: (outcome.value, ProcessResult(outcome, None).should_ack) for outcome in Outcome
+}
 
 
 class ErrorKind(enum.Enum):
@@ -413,6 +418,19 @@ def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
     return number
 
 
+def _wake(waiter: asyncio.Future[None], _done: object = None) -> None:
+    """Resolve ``waiter`` unless it is done already (a done callback, or called by ``stop``)."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _chain_keys(delivery: Delivery) -> tuple[Hashable, ...]:
+    """The keys of the chains ``delivery`` runs in: its message id (the same id twice in flight would
+    only bounce as IN_PROGRESS: it runs after the first copy) and its order key, if any."""
+    mid: Hashable = ("id", delivery.envelope.id)
+    return (mid,) if delivery.order_key is None else (mid, ("key", delivery.order_key))
+
+
 def _is_takeover(claim: ClaimResult | None) -> bool:
     return claim is not None and claim.status is ClaimStatus.NEW and claim.takeover
 
@@ -467,6 +485,8 @@ class ConsumerRunner:
         self._backoff: Backoff = backoff if backoff is not None else ExponentialBackoff()
         self.stats = ConsumerStats()
         self._stop = asyncio.Event()
+        # futures of the waits _unless_stopped is in, which stop() ends (see there)
+        self._stop_waiters: set[asyncio.Future[None]] = set()
         self._gate = _IsolationGate()
         self._inflight: set[asyncio.Task[None]] = set()  # messages run by a task of their own
         # the worker pool: messages free to start run on long-lived workers, not a task each
@@ -510,6 +530,8 @@ class ConsumerRunner:
     def stop(self) -> None:
         """Stop reading; in-flight messages finish (or are cancelled after ``shutdown_timeout``)."""
         self._stop.set()
+        for waiter in self._stop_waiters:
+            _wake(waiter)
 
     @property
     def stopping(self) -> bool:
@@ -600,9 +622,17 @@ class ConsumerRunner:
     # --- the loop -----------------------------------------------------------------------------
     async def _consume(self) -> None:
         failures = 0
+        grouped = False  # ensure_group() succeeded since the last error
         while not self._stop.is_set():
             try:
-                await self.transport.ensure_group()
+                if not grouped:
+                    # joining can wait long (Kafka: aiokafka's start() waits for the first assignment,
+                    # and a broker that does not answer holds it for the request timeout): a stop must
+                    # not wait for it
+                    await self._unless_stopped(self.transport.ensure_group())
+                    if self._stop.is_set():
+                        break
+                    grouped = True
                 await self._step()
             except asyncio.CancelledError:
                 raise
@@ -613,6 +643,7 @@ class ConsumerRunner:
                 if kind is ErrorKind.CONFIGURATION:
                     self._fail(exc)
                     return
+                grouped = False
                 failures += 1
                 self.stats.redis_errors += 1
                 self._backing_off = True
@@ -713,11 +744,6 @@ class ConsumerRunner:
         )
 
     # --- dispatch -----------------------------------------------------------------------------
-    def _chain_keys(self, delivery: Delivery) -> tuple[Hashable, ...]:
-        # the same id twice in flight would only bounce as IN_PROGRESS: run it after the first copy
-        mid: Hashable = ("id", delivery.envelope.id)
-        return (mid,) if delivery.order_key is None else (mid, ("key", delivery.order_key))
-
     def _predecessors(self, keys: Iterable[Hashable]) -> list[asyncio.Task[None] | _Job]:
         found: list[asyncio.Task[None] | _Job] = []
         for key in keys:
@@ -728,35 +754,42 @@ class ConsumerRunner:
 
     async def _dispatch_batch(self, deliveries: Sequence[Delivery]) -> None:
         """New entries: one batch claim for those free to start, the rest claimed after their predecessors."""
+        tails = self._tails
         seen: set[Hashable] = set()
-        plan: list[tuple[Delivery, bool]] = []  # (delivery, claim it in the batch)
+        plan: list[tuple[Delivery, tuple[Hashable, ...], bool]] = []  # (delivery, chain keys, claim it now)
         for delivery in deliveries:
-            keys = self._chain_keys(delivery)
-            free = not any(k in seen or k in self._tails for k in keys)
+            keys = _chain_keys(delivery)
+            for key in keys:  # a loop, not any(): no generator per delivery
+                if key in seen or key in tails:
+                    free = False
+                    break
+            else:
+                free = True
             seen.update(keys)
-            plan.append((delivery, free))
-        now = [d for d, free in plan if free]
-        claims = iter(await self._claim([d.envelope.id for d in now]) if now else [])
+            plan.append((delivery, keys, free))
+        now = [d.envelope.id for d, _, free in plan if free]
+        claims = iter(await self._claim(now) if now else ())
         suspects: list[_Ticket] = []
         deferred: list[tuple[Delivery, Any]] = []  # (delivery, its batch claim or _LATE)
         deferred_keys: set[Hashable] = set()
-        for delivery, free in plan:
+        for delivery, keys, free in plan:
             claim = next(claims) if free else _LATE
             # One suspect per batch: a second takeover (Kafka hands a dead member's records back through
             # read(), all at once) and whatever is chained behind it wait in _held, claimed one at a
             # time after the first suspect ran alone; their claims are given back unrun.
-            chained = any(k in deferred_keys for k in self._chain_keys(delivery))
             takeover = claim is not _LATE and _is_takeover(claim)
-            if chained or (takeover and (suspects or deferred)):
+            if (deferred_keys and not deferred_keys.isdisjoint(keys)) or (
+                takeover and (suspects or deferred)
+            ):
                 deferred.append((delivery, claim))
-                deferred_keys.update(self._chain_keys(delivery))
+                deferred_keys.update(keys)
                 continue
             ticket = _Ticket()
             if takeover:
                 suspects.append(ticket)  # queued after the batch-mates took their places
             elif claim is not _LATE:
                 self._gate.try_shared(ticket)
-            self._start(delivery, claim, ticket)
+            self._start(delivery, claim, ticket, keys)
         for ticket in suspects:
             self._gate.enqueue(ticket)
         if deferred:
@@ -779,22 +812,25 @@ class ConsumerRunner:
                 return
             delivery = self._held.popleft()
             ticket = _Ticket()
-            if self._predecessors(self._chain_keys(delivery)):
-                self._start(delivery, _LATE, ticket)
+            keys = _chain_keys(delivery)
+            if self._predecessors(keys):
+                self._start(delivery, _LATE, ticket, keys)
                 continue
             [claim] = await self._claim([delivery.envelope.id])
             if _is_takeover(claim):
                 self._gate.enqueue(ticket)
-                self._start(delivery, claim, ticket)
+                self._start(delivery, claim, ticket, keys)
                 return
             self._gate.try_shared(ticket)
-            self._start(delivery, claim, ticket)
+            self._start(delivery, claim, ticket, keys)
 
     async def _claim(self, ids: Sequence[str]) -> list[ClaimResult | None]:
         """One round trip for ``ids``; on a store failure ``None`` each (the layer claims by itself and
         applies the store-failure policy)."""
         try:
-            claims = list(await self.layer.claim_batch(ids, destination=self.transport.destination))
+            claims: list[ClaimResult | None] = list(
+                await self.layer.claim_batch(ids, destination=self.transport.destination)
+            )
         except Exception as exc:
             log.warning(
                 "batch dedup claim of %d ids failed (%s); the layer claims them",
@@ -805,10 +841,11 @@ class ConsumerRunner:
         if len(claims) != len(ids):  # a store bug; claiming one by one is still correct
             log.error("batch dedup claim answered %d results for %d ids", len(claims), len(ids))
             return [None] * len(ids)
-        return list(claims)
+        return claims
 
-    def _start(self, delivery: Delivery, claim: Any, ticket: _Ticket) -> None:
-        keys = self._chain_keys(delivery)
+    def _start(self, delivery: Delivery, claim: Any, ticket: _Ticket, keys: tuple[Hashable, ...]) -> None:
+        """Run ``delivery`` (its chain ``keys``): on a worker when it is free to start now, else in a task
+        of its own that waits for its predecessors, its claim or the gate."""
         if claim is not _LATE and ticket.shared:  # free to start now: a worker runs it
             job = _Job(delivery, claim, ticket, keys)
             self._jobs.add(job)
@@ -882,7 +919,8 @@ class ConsumerRunner:
 
     def _job_done(self, job: _Job, *, given_back: bool) -> None:
         self._jobs.discard(job)
-        self._gate.release(job.ticket)
+        if given_back:  # a job that ran released its place in _handle (a finally)
+            self._gate.release(job.ticket)
         for key in job.keys:
             if self._tails.get(key) is job:
                 del self._tails[key]
@@ -971,24 +1009,26 @@ class ConsumerRunner:
 
     # --- acknowledgement ------------------------------------------------------------------------
     def _settle(self, delivery: Delivery, result: ProcessResult | None) -> None:
-        if result is None or not result.should_ack:
-            if result is not None:
-                outcome = result.outcome.value
-                self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
-                reroute = self._reroute
-                if (
-                    reroute is not None
-                    and result.outcome is _DEFERRED
-                    and result.attempts > 0
-                    and reroute(delivery.ref, result.error)
-                ):
-                    self.stats.rerouted += 1
-                    return
+        if result is None:
             self.stats.not_acked += 1
             self.transport.give_back((delivery.ref,))
             return
-        outcome = result.outcome.value
-        self.stats.outcomes[outcome] = self.stats.outcomes.get(outcome, 0) + 1
+        name, acked = _SETTLE[result.outcome]
+        outcomes = self.stats.outcomes
+        outcomes[name] = outcomes.get(name, 0) + 1
+        if not acked:
+            reroute = self._reroute
+            if (
+                reroute is not None
+                and result.outcome is _DEFERRED
+                and result.attempts > 0
+                and reroute(delivery.ref, result.error)
+            ):
+                self.stats.rerouted += 1
+                return
+            self.stats.not_acked += 1
+            self.transport.give_back((delivery.ref,))
+            return
         self._acks.append(delivery.ref)
         if result.completion is not None:
             self._staged.append(result.completion)
@@ -1059,16 +1099,27 @@ class ConsumerRunner:
         A stop must not wait for a blocking read, above all when the broker does not answer (frozen, or
         partitioned away) and the read would last the socket timeout. Entries a cancelled read was
         handed are pending, unprocessed and unacknowledged: another consumer takes them over later.
+
+        One task per call, the operation's: the loop waits on a future that the operation's end or
+        :meth:`stop` resolves, not on a second task waiting for the stop event (this runs at every
+        read and every wait for a slot).
         """
         task = asyncio.ensure_future(operation)
-        stopped = asyncio.ensure_future(self._stop.wait())
+        woken: asyncio.Future[None] = task.get_loop().create_future()
+        wake = functools.partial(_wake, woken)
+        task.add_done_callback(wake)
+        waiters = self._stop_waiters
+        if self._stop.is_set():  # after the operation's first step, as a task waiting for the event
+            task.get_loop().call_soon(wake)
+        else:
+            waiters.add(woken)
         try:
-            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+            await woken
         except BaseException:
             task.cancel()
             raise
         finally:
-            stopped.cancel()
+            waiters.discard(woken)
         if task.done():
             return task.result()
         task.cancel()

@@ -61,8 +61,11 @@ are busy: handlers that can run longer than ``max_poll_interval_ms`` need a larg
 **Messages** (:func:`decode_record`): id from a header (``id_header``, default ``message_id``), else
 the record key, else ``"{topic}/{partition}/{offset}"`` (then only redeliveries deduplicate); payload
 the JSON value of the record value, else its text; headers as text; trace context from the
-``traceparent`` / ``tracestate`` headers. Nothing a record holds makes decoding raise. A record that
-aiokafka itself cannot decode (a header name that is not UTF-8, a corrupt batch) would make every
+``traceparent`` / ``tracestate`` headers. Nothing a record holds makes decoding raise. Records of the
+types aiokafka hands out (``bytes`` key and value, headers as ``(str, bytes)`` pairs) take a shorter
+path to the same envelope (``_decode_usual``), with the texts a partition's records share (and their
+order key's prefix) made once per fetch; any other record goes through :func:`decode_record`. A record
+that aiokafka itself cannot decode (a header name that is not UTF-8, a corrupt batch) would make every
 poll raise; the transport isolates it, skips it, logs it and counts it as lost
 (:meth:`KafkaTransport._isolate`): the partition goes on.
 
@@ -395,6 +398,55 @@ def decode_record(
         destination=as_text(topic),
         source_ref=source_ref,
         delivery_count=delivery_count,
+        key=key_text or None,
+        attributes=attributes,
+    )
+
+
+def _decode_usual(
+    topic: str,
+    partition: str,
+    source_prefix: str,
+    offset: Any,
+    key: Any,
+    value: Any,
+    headers: Any,
+    id_header: str,
+) -> Envelope | None:
+    """:func:`decode_record` for the types aiokafka hands out, with less work: a ``bytes`` key and value
+    (or ``None``), an ``int`` offset, headers a list or tuple of ``(str, bytes)`` pairs. ``topic`` and
+    ``partition`` are the texts of the record's partition and ``source_prefix`` is
+    ``"{topic}/{partition}/"``, made once per partition by the caller. The same envelope as
+    :func:`decode_record`; ``None`` for anything else (the caller then decodes it the general way)."""
+    if (
+        type(offset) is not int
+        or (key is not None and type(key) is not bytes)
+        or (value is not None and type(value) is not bytes)
+    ):
+        return None
+    text_headers: dict[str, str] = {}
+    if headers:
+        if type(headers) is not list and type(headers) is not tuple:
+            return None
+        for header in headers:
+            if type(header) is not tuple or len(header) != 2:
+                return None
+            name, raw = header
+            if type(name) is not str or type(raw) is not bytes:
+                return None
+            text_headers[name] = raw.decode("utf-8", "surrogateescape")
+    key_text = "" if key is None else key.decode("utf-8", "surrogateescape")
+    source_ref = source_prefix + str(offset)
+    attributes: dict[str, str | int] = {n.ATTR_MESSAGING_PARTITION: partition, n.ATTR_KAFKA_OFFSET: offset}
+    if key_text:
+        attributes[n.ATTR_KAFKA_KEY] = key_text
+    return Envelope(
+        id=text_headers.get(id_header, "") or key_text or source_ref,
+        payload=None if value is None else _decode_payload(value.decode("utf-8", "surrogateescape")),
+        headers=text_headers,
+        destination=topic,
+        source_ref=source_ref,
+        delivery_count=1,
         key=key_text or None,
         attributes=attributes,
     )
@@ -738,21 +790,21 @@ class KafkaTransport:
         part = self._parts.get((ref.topic, ref.partition))
         return part if part is not None and part.epoch == ref.epoch else None
 
-    def _order_key(self, env: Envelope, topic: str, partition: int) -> str | None:
-        if self.ordering is KafkaOrdering.UNORDERED:
-            return None
-        if self.ordering is KafkaOrdering.KEY and env.key is not None:
-            return f"{topic}/{partition}/{env.key}"
-        return f"{topic}/{partition}"
-
     def _register(self, records: Mapping[Any, Sequence[Any]]) -> list[Delivery]:
         """Track the records ``getmany`` returned; their deliveries, in the order read."""
         out: list[Delivery] = []
         wall_now: float | None = None
+        id_header = self.id_header
+        by_key = self.ordering is KafkaOrdering.KEY
         for tp, batch in records.items():
             key = (tp.topic, tp.partition)
             hop = self._retry_hop.get(tp.topic) if self._retry_hop else None
             part = self._parts.get(key)
+            # once per partition: the texts every record of it shares (envelope, order key)
+            topic_text, partition_text = as_text(tp.topic), as_text(tp.partition)
+            source_prefix = f"{topic_text}/{partition_text}/"
+            # the order key: the partition's, or (ordering by key) the partition's and the record key's
+            order_prefix = None if self.ordering is KafkaOrdering.UNORDERED else f"{tp.topic}/{tp.partition}"
             for record in batch:
                 offset = record.offset
                 if hop is not None:
@@ -774,21 +826,34 @@ class KafkaTransport:
                         self._forget({key})
                     part = self._parts[key] = _Partition(next(self._epochs), OffsetTracker(offset))
                 part.tracker.read(offset)
-                env = decode_record(
-                    tp.topic,
-                    tp.partition,
-                    offset,
-                    key=record.key,
-                    value=record.value,
-                    headers=record.headers,
-                    id_header=self.id_header,
-                )
+                try:
+                    env = _decode_usual(
+                        topic_text,
+                        partition_text,
+                        source_prefix,
+                        offset,
+                        record.key,
+                        record.value,
+                        record.headers,
+                        id_header,
+                    )
+                except Exception:  # whatever the record holds, decode_record copes with it
+                    env = None
+                if env is None:
+                    env = decode_record(
+                        tp.topic,
+                        tp.partition,
+                        offset,
+                        key=record.key,
+                        value=record.value,
+                        headers=record.headers,
+                        id_header=id_header,
+                    )
                 if hop is not None:
                     env = self._retried(env)
                 ref = KafkaRef(tp.topic, tp.partition, offset, part.epoch)
-                delivery = Delivery(
-                    ref=ref, envelope=env, order_key=self._order_key(env, tp.topic, tp.partition)
-                )
+                order_key = f"{order_prefix}/{env.key}" if by_key and env.key is not None else order_prefix
+                delivery = Delivery(ref=ref, envelope=env, order_key=order_key)
                 timestamp = record.timestamp if isinstance(record.timestamp, int | float) else None
                 self._open[ref] = _Open(delivery, timestamp, record)
                 out.append(delivery)
