@@ -468,3 +468,39 @@ async def test_copies_in_flight_count_toward_max_held(
 async def _read_more(transport: KafkaTransport, into: list[Any]) -> bool:
     into += await transport.read(10)
     return len(into) >= 5
+
+
+async def test_a_hostile_exception_type_and_a_null_header_still_make_a_copy(
+    bootstrap: str,
+    make_topic: MakeTopic,
+    group: str,
+    producer: AIOKafkaProducer,
+    make_layer: MakeLayer,
+    otel: Otel,
+) -> None:
+    """An exception class named with a lone surrogate and a record carrying a null header value: the copy
+    is still written (the type's name replaced where it cannot be encoded, the null header kept null)
+    and the retry runs."""
+
+    class Weird(ConnectionError):
+        pass
+
+    Weird.__qualname__ = "Weird\ud800Error"
+    topic = await make_topic(1)
+    await producer.send_and_wait(topic, value=b"{}", headers=[("message_id", b"w1"), ("empty", None)])  # type: ignore[list-item]
+    runs: list[dict[str, str]] = []
+
+    async def handler(env: Envelope) -> None:
+        runs.append(dict(env.headers))
+        if len(runs) == 1:
+            raise Weird("odd")
+
+    layer = make_layer(max_retries=0, exhausted_transient_action="defer", circuit_breaker_threshold=100)
+    runner = make_runner(bootstrap, topic, group, handler, layer, retry_delays=(0.05,))
+    async with Running(runner):
+        await eventually(lambda: len(runs) == 2, what="the retry ran")
+    assert otel.value(RECORDS, streamwarden__retry_topic__result="sent") == 1
+    [copy] = await read_all(bootstrap, f"{topic}.retry.0", 1)
+    head = dict(copy.headers)
+    assert head["empty"] is None
+    assert head[HEADER_RETRY_ERROR_TYPE].decode() == f"{__name__}.Weird?Error"

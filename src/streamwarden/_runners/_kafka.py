@@ -1099,7 +1099,7 @@ class KafkaTransport:
         entry: _Open,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
     ) -> None:
         """Send the copy under a PRODUCER ``send {retry topic}`` span in the record's own trace (its
         ``traceparent``), and give the copy that span's context: its next run links to it, so the
@@ -1129,19 +1129,20 @@ class KafkaTransport:
 
     def _retry_copy(
         self, entry: _Open, hop: int, error: BaseException | None
-    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]:
         """Key, value and headers of a record's copy for retry topic ``hop``: the record as it was
         read, its id as the id header (so an id taken from the key or the offset stays the same), where
         it first came from, the due time, the delivery count and the error's type (never its message)."""
         record = entry.record
         env = entry.delivery.envelope
-        headers: list[tuple[str, bytes]] = []
+        headers: list[tuple[str, bytes | None]] = []
         for name, raw in _header_items(record.headers):
             if name == self.id_header or name.startswith(_RETRY_HEADER_PREFIXES):
                 continue
-            headers.append(
-                (name, raw if isinstance(raw, bytes) else as_text(raw).encode("utf-8", "surrogateescape"))
-            )
+            if raw is None or isinstance(raw, bytes):  # a null header value stays null
+                headers.append((name, raw))
+            else:
+                headers.append((name, as_text(raw).encode("utf-8", "surrogateescape")))
         # the record it all started from ("{topic}/{partition}/{offset}"; topic names hold no "/")
         _topic, origin_partition, origin_offset = f"//{env.source_ref or ''}".rsplit("/", 2)
         due_ms = int((self._wall_clock() + self.retry_delays[hop]) * 1000)
@@ -1153,7 +1154,8 @@ class KafkaTransport:
             (HEADER_ORIGINAL_OFFSET, origin_offset.encode("utf-8", "surrogateescape")),
             (HEADER_RETRY_DUE, str(due_ms).encode()),
             (HEADER_RETRY_DELIVERY_COUNT, str(env.delivery_count + 1).encode()),
-            (HEADER_RETRY_ERROR_TYPE, error_type.encode("utf-8", "surrogateescape")),
+            # a hostile exception type may name itself with any text: replaced, never a failed copy
+            (HEADER_RETRY_ERROR_TYPE, error_type.encode("utf-8", "replace")),
         ]
         key = (
             record.key
