@@ -49,7 +49,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -740,21 +740,14 @@ class _RedisRun:
         return self.report
 
     async def _collect(self) -> None:
-        report = self.report
-        for r in self.runners:
-            for outcome, count in r.stats.outcomes.items():
-                report.outcomes[outcome] += count
-            report.redeliveries += r.stats.reclaimed
-        report.executed = sum(self.broker.executed.values())
-        for layer in self.layers:
-            await layer.aclose()
-        report.metrics = await self.layers[0].metrics_collector.get_reliability_metrics()
-        report.retries = int(report.metrics.get("retry_attempts", 0))
-        entries = await self.layers[0].dead_letter_store.list(DEMO_STREAM, limit=report.produced + 1)
-        for entry in entries:
-            report.dlq_reasons[entry.reason] += 1
-        report.note_dead_letters(entries)
-        _reconcile_ledger(report, self.broker, Counter(entry.message_id for entry in entries))
+        await _collect_run(
+            self.report,
+            self.broker,
+            self.layers,
+            DEMO_STREAM,
+            outcomes=[r.stats.outcomes for r in self.runners],
+            redeliveries=sum(r.stats.reclaimed for r in self.runners),
+        )
 
 
 async def run_redis_demo(
@@ -998,21 +991,15 @@ class _KafkaRun:
         return self.report
 
     async def _collect(self) -> None:
-        report = self.report
-        for r in self.runners:
-            for outcome, count in r.stats.outcomes.items():
-                report.outcomes[outcome] += count
-            report.redeliveries += r.stats.not_acked  # given back, read again from this member
-        report.executed = sum(self.broker.executed.values())
-        for layer in self.layers:
-            await layer.aclose()
-        report.metrics = await self.layers[0].metrics_collector.get_reliability_metrics()
-        report.retries = int(report.metrics.get("retry_attempts", 0))
-        entries = await self.layers[0].dead_letter_store.list(self.topic, limit=report.produced + 1)
-        for entry in entries:
-            report.dlq_reasons[entry.reason] += 1
-        report.note_dead_letters(entries)
-        _reconcile_ledger(report, self.broker, Counter(entry.message_id for entry in entries))
+        await _collect_run(
+            self.report,
+            self.broker,
+            self.layers,
+            self.topic,
+            outcomes=[r.stats.outcomes for r in self.runners],
+            # given back, read again from the same member
+            redeliveries=sum(r.stats.not_acked for r in self.runners),
+        )
 
 
 async def run_kafka_demo(
@@ -1077,6 +1064,33 @@ async def _reset_redis_keys(client: Any, layer: ReliabilityLayer, destination: s
                 batch.clear()
         if batch:
             await client.unlink(*batch)
+
+
+async def _collect_run(
+    report: DemoReport,
+    broker: BrokerAPI,
+    layers: Sequence[ReliabilityLayer],
+    destination: str,
+    *,
+    outcomes: Iterable[Mapping[str, int]],
+    redeliveries: int,
+) -> None:
+    """The end of a stream demo's run: the runners' outcomes, the layers closed, their counters, the
+    destination's dead letters, and the reconciliation against the simulated downstream."""
+    for counts in outcomes:
+        for outcome, count in counts.items():
+            report.outcomes[outcome] += count
+    report.redeliveries += redeliveries
+    report.executed = sum(broker.executed.values())
+    for layer in layers:
+        await layer.aclose()
+    report.metrics = await layers[0].metrics_collector.get_reliability_metrics()
+    report.retries = int(report.metrics.get("retry_attempts", 0))
+    entries = await layers[0].dead_letter_store.list(destination, limit=report.produced + 1)
+    for entry in entries:
+        report.dlq_reasons[entry.reason] += 1
+    report.note_dead_letters(entries)
+    _reconcile_ledger(report, broker, Counter(entry.message_id for entry in entries))
 
 
 def _reconcile_ledger(report: DemoReport, broker: BrokerAPI, dead_letter_ids: Counter[str | None]) -> None:
